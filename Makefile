@@ -1,0 +1,43 @@
+# vdpad: build, test (host + VM), demo, benchmarks.
+# Everything a fresh Debian machine needs is installed by the targets
+# themselves (as root): python3-venv/-dev for the virtualenv and the cffi
+# build, the VM harness's host tools, the backports kernel.
+
+PYTHON ?= python3
+VENV   := $(CURDIR)/.venv
+PY     := $(VENV)/bin/python
+HARNESS := $(PY) -m tests.vm.harness
+PYTEST_VM_ARGS ?=
+
+.PHONY: all install test host-test vm-test vm-prepare demo clean
+
+all: install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py cffi_build/vhost_build.py
+	@$(PYTHON) -c 'import ensurepip, sysconfig, os, sys; \
+	  sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' 2>/dev/null \
+	  && command -v cc >/dev/null \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	       python3-venv python3-dev gcc; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+host-test: install
+	$(PY) -m pytest -m "not kernel" tests
+
+vm-prepare: install
+	$(HARNESS) prepare
+
+vm-test: vm-prepare
+	$(HARNESS) run -- $(PY) -m pytest -m kernel $(PYTEST_VM_ARGS) tests
+
+test: host-test vm-test
+
+demo: vm-prepare
+	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad sh tests/vm/guest/demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info vdpad/_uapi.*

@@ -1,0 +1,127 @@
+"""Named flags for what the kernel reports as bits: device status and features."""
+
+from __future__ import annotations
+
+import enum
+
+from vdpad._uapi import lib
+
+
+class DeviceStatus(enum.IntFlag):
+    """virtio device status (virtio spec 2.1)."""
+
+    RESET = 0
+    ACKNOWLEDGE = 1
+    DRIVER = 2
+    DRIVER_OK = 4
+    FEATURES_OK = 8
+    NEEDS_RESET = 0x40
+    FAILED = 0x80
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+class BackendFeature(enum.IntFlag):
+    """VHOST_BACKEND_F_*; the uapi gives bit numbers, these are masks."""
+
+    IOTLB_MSG_V2 = _bit(lib.VHOST_BACKEND_F_IOTLB_MSG_V2)
+    IOTLB_BATCH = _bit(lib.VHOST_BACKEND_F_IOTLB_BATCH)
+    IOTLB_ASID = _bit(lib.VHOST_BACKEND_F_IOTLB_ASID)
+    SUSPEND = _bit(lib.VHOST_BACKEND_F_SUSPEND)
+    RESUME = _bit(lib.VHOST_BACKEND_F_RESUME)
+    ENABLE_AFTER_DRIVER_OK = _bit(lib.VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK)
+    DESC_ASID = _bit(lib.VHOST_BACKEND_F_DESC_ASID)
+    IOTLB_PERSIST = _bit(lib.VHOST_BACKEND_F_IOTLB_PERSIST)
+
+
+class VirtioFeature(enum.IntFlag):
+    """Device-independent virtio feature bits (virtio spec 6) and vhost's own."""
+
+    NOTIFY_ON_EMPTY = _bit(24)
+    LOG_ALL = _bit(lib.VHOST_F_LOG_ALL)
+    ANY_LAYOUT = _bit(27)
+    INDIRECT_DESC = _bit(28)
+    EVENT_IDX = _bit(29)
+    VERSION_1 = _bit(32)
+    ACCESS_PLATFORM = _bit(33)
+    RING_PACKED = _bit(34)
+    IN_ORDER = _bit(35)
+    ORDER_PLATFORM = _bit(36)
+    SR_IOV = _bit(37)
+    NOTIFICATION_DATA = _bit(38)
+    NOTIF_CONFIG_DATA = _bit(39)
+    RING_RESET = _bit(40)
+    ADMIN_VQ = _bit(41)
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net device feature bits (virtio spec 5.1.3)."""
+
+    CSUM = _bit(0)
+    GUEST_CSUM = _bit(1)
+    CTRL_GUEST_OFFLOADS = _bit(2)
+    MTU = _bit(3)
+    MAC = _bit(5)
+    GUEST_TSO4 = _bit(7)
+    GUEST_TSO6 = _bit(8)
+    GUEST_ECN = _bit(9)
+    GUEST_UFO = _bit(10)
+    HOST_TSO4 = _bit(11)
+    HOST_TSO6 = _bit(12)
+    HOST_ECN = _bit(13)
+    HOST_UFO = _bit(14)
+    MRG_RXBUF = _bit(15)
+    STATUS = _bit(16)
+    CTRL_VQ = _bit(17)
+    CTRL_RX = _bit(18)
+    CTRL_VLAN = _bit(19)
+    CTRL_RX_EXTRA = _bit(20)
+    GUEST_ANNOUNCE = _bit(21)
+    MQ = _bit(22)
+    CTRL_MAC_ADDR = _bit(23)
+    VHOST_NET_HDR = _bit(lib.VHOST_NET_F_VIRTIO_NET_HDR)  # vhost-net only
+    HASH_REPORT = _bit(57)
+    RSS = _bit(60)
+    RSC_EXT = _bit(61)
+    STANDBY = _bit(62)
+    SPEED_DUPLEX = _bit(63)
+
+
+class BlkFeature(enum.IntFlag):
+    """virtio-blk device feature bits (virtio spec 5.2.3)."""
+
+    SIZE_MAX = _bit(1)
+    SEG_MAX = _bit(2)
+    GEOMETRY = _bit(4)
+    RO = _bit(5)
+    BLK_SIZE = _bit(6)
+    FLUSH = _bit(9)
+    TOPOLOGY = _bit(10)
+    CONFIG_WCE = _bit(11)
+    MQ = _bit(12)
+    DISCARD = _bit(13)
+    WRITE_ZEROES = _bit(14)
+    SECURE_ERASE = _bit(16)
+    ZONED = _bit(17)
+
+
+def describe(value: int, *kinds: type[enum.IntFlag]) -> list[str]:
+    """Names of the set bits, by the first kind that names each; unknown ones as bitN."""
+    names = []
+    for bit in range(64):
+        mask = 1 << bit
+        if not value & mask:
+            continue
+        for kind in kinds:
+            try:
+                member = kind(mask)
+            except ValueError:
+                continue
+            if member.name:
+                names.append(member.name)
+                break
+        else:
+            names.append(f"bit{bit}")
+    return names

@@ -1,0 +1,102 @@
+"""The IOTLB messages written to (and read from) a vhost fd, v1 and v2."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from vdpad._uapi import ffi, lib
+
+
+class MessageType(enum.IntEnum):
+    MISS = lib.VHOST_IOTLB_MISS
+    UPDATE = lib.VHOST_IOTLB_UPDATE
+    INVALIDATE = lib.VHOST_IOTLB_INVALIDATE
+    ACCESS_FAIL = lib.VHOST_IOTLB_ACCESS_FAIL
+    BATCH_BEGIN = lib.VHOST_IOTLB_BATCH_BEGIN
+    BATCH_END = lib.VHOST_IOTLB_BATCH_END
+
+
+class Access(enum.IntFlag):
+    NONE = 0
+    RO = lib.VHOST_ACCESS_RO
+    WO = lib.VHOST_ACCESS_WO
+    RW = lib.VHOST_ACCESS_RW
+
+
+class Version(enum.IntEnum):
+    """The framing: struct vhost_msg (v1) or struct vhost_msg_v2."""
+
+    V1 = lib.VHOST_IOTLB_MSG
+    V2 = lib.VHOST_IOTLB_MSG_V2
+
+    @property
+    def struct(self) -> str:
+        return "struct vhost_msg" if self is Version.V1 else "struct vhost_msg_v2"
+
+    @property
+    def size(self) -> int:
+        return ffi.sizeof(self.struct)
+
+
+U64 = (1 << 64) - 1
+
+
+class CodecError(ValueError):
+    """Bytes that are not an IOTLB message, or a message that cannot be framed."""
+
+
+@dataclass(frozen=True)
+class IotlbMessage:
+    type: MessageType
+    iova: int = 0
+    size: int = 0
+    uaddr: int = 0
+    perm: Access = Access.NONE
+    asid: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iova", "size", "uaddr"):
+            if not 0 <= getattr(self, name) <= U64:
+                raise CodecError(f"{name}={getattr(self, name)!r} does not fit in 64 bits")
+        if not 0 <= self.asid <= 0xFFFFFFFF:
+            raise CodecError(f"asid={self.asid!r} does not fit in 32 bits")
+        object.__setattr__(self, "type", MessageType(self.type))
+        object.__setattr__(self, "perm", Access(self.perm))
+
+    @property
+    def last(self) -> int:
+        """The last IOVA covered (inclusive), as the kernel counts."""
+        return self.iova + self.size - 1
+
+    def encode(self, version: Version = Version.V2) -> bytes:
+        if version is Version.V1 and self.asid:
+            raise CodecError(f"asid={self.asid} needs a v2 message")
+        msg = ffi.new(version.struct + " *")
+        msg.type = version
+        if version is Version.V2:
+            msg.asid = self.asid
+        msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr = self.iova, self.size, self.uaddr
+        msg.iotlb.perm, msg.iotlb.type = self.perm, self.type
+        return bytes(ffi.buffer(msg))
+
+    @classmethod
+    def decode(cls, data: bytes) -> IotlbMessage:
+        """A message as the kernel frames it; the version is read from its first word."""
+        if len(data) < 4:
+            raise CodecError(f"{len(data)} bytes is too short for an IOTLB message")
+        version_word = int.from_bytes(data[:4], "little")
+        try:
+            version = Version(version_word)
+        except ValueError:
+            raise CodecError(f"unknown IOTLB message version {version_word}") from None
+        if len(data) != version.size:
+            raise CodecError(f"a {version.name} message is {version.size} bytes, not {len(data)}")
+        msg = ffi.new(version.struct + " *")
+        ffi.memmove(msg, data, version.size)
+        try:
+            kind = MessageType(msg.iotlb.type)
+        except ValueError:
+            raise CodecError(f"unknown IOTLB message type {msg.iotlb.type}") from None
+        return cls(kind, msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr, Access(msg.iotlb.perm & 3),
+                   msg.asid if version is Version.V2 else 0)
