@@ -32,7 +32,7 @@ vm-prepare: install
 	$(HARNESS) prepare
 
 vm-test: vm-prepare
-	$(HARNESS) run -- $(PY) -m pytest -m kernel $(PYTEST_VM_ARGS) tests
+	$(HARNESS) run -- $(PY) -m pytest -m kernel -p no:hypothesispytest -p no:cacheprovider $(PYTEST_VM_ARGS) tests
 
 test: host-test vm-test
 

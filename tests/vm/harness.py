@@ -409,7 +409,7 @@ def boot(kernel: Kernel, initramfs: Path, command: list[str], *, cwd: Path,
     cmdline = (f"console=ttyS0 quiet loglevel=3 panic=-1 vdpad.run={folder} "
                f"vdpad.kmod={kernel.modules} vdpad.runner={GUEST_FILES / 'run.sh'}")
     qemu = [
-        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "max",
+        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", os.environ.get("VDPAD_VM_CPU", "max"),
         "-smp", str(cpus), "-m", memory, "-nodefaults", "-no-user-config",
         "-display", "none", "-no-reboot", "-serial", f"file:{folder / 'console.log'}",
         "-kernel", str(kernel.image), "-initrd", str(initramfs), "-append", cmdline,
