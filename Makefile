@@ -8,6 +8,7 @@ VENV   := $(CURDIR)/.venv
 PY     := $(VENV)/bin/python
 HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
+REPORTS := $(CURDIR)/.vm/reports
 
 .PHONY: all install test host-test vm-test vm-prepare demo clean
 
@@ -26,15 +27,20 @@ $(VENV)/.installed: pyproject.toml setup.py cffi_build/vhost_build.py
 	touch $@
 
 host-test: install
-	$(PY) -m pytest -m "not kernel" tests
+	$(PY) -m pytest -m "not kernel" --junitxml=$(REPORTS)/host.xml tests
 
 vm-prepare: install
 	$(HARNESS) prepare
 
+# In the guest, hypothesis's plugin alone costs ~6 s of TCG start-up.
 vm-test: vm-prepare
-	$(HARNESS) run -- $(PY) -m pytest -m kernel -p no:hypothesispytest -p no:cacheprovider $(PYTEST_VM_ARGS) tests
+	rm -f $(REPORTS)/kernel.xml
+	$(HARNESS) run --collect $(REPORTS) -- sh -c '$(PY) -m pytest -m kernel \
+	  -p no:hypothesispytest -p no:cacheprovider --junitxml="$$VDPAD_VM_OUT/kernel.xml" \
+	  $(PYTEST_VM_ARGS) tests/kernel'
 
-test: host-test vm-test
+test: vm-prepare host-test vm-test
+	@$(PY) -m tests.report host=$(REPORTS)/host.xml kernel=$(REPORTS)/kernel.xml
 
 demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad sh tests/vm/guest/demo.sh

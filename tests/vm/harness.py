@@ -156,9 +156,9 @@ def ensure_host_tools() -> None:
     run("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, env=env)
 
 
-def debian_mirror() -> str:
+def debian_mirror(apt_etc: Path = Path("/etc/apt")) -> str:
     """The Debian mirror this system's apt already uses (never a fixed host)."""
-    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+    for sources in sorted((apt_etc / "sources.list.d").glob("*.sources")):
         for stanza in sources.read_text().split("\n\n"):
             fields = dict(
                 line.split(":", 1) for line in stanza.splitlines()
@@ -168,11 +168,11 @@ def debian_mirror() -> str:
             if uris and "security" not in suites and "security" not in uris[0]:
                 return uris[0]
     with contextlib.suppress(FileNotFoundError):
-        for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        for line in (apt_etc / "sources.list").read_text().splitlines():
             words = line.split()
             if words[:1] == ["deb"] and "security" not in line:
                 return next(w for w in words[1:] if "://" in w)
-    raise HarnessError("no Debian mirror found in /etc/apt/sources.list{,.d/*.sources}")
+    raise HarnessError(f"no Debian mirror found in {apt_etc}/sources.list{{,.d/*.sources}}")
 
 
 def backports_apt() -> list[str]:
@@ -191,6 +191,15 @@ def backports_apt() -> list[str]:
             "-o", f"Dir::Cache={apt / 'cache'}", "-o", "APT::Sandbox::User=root"]
 
 
+def newest_kernel(apt_cache_show: str) -> Kernel:
+    """The image the newest linux-image-amd64 stanza depends on."""
+    found = re.findall(r"^Depends:\s*linux-image-(\S+)\s*\(=\s*([^)\s]+)\)", apt_cache_show, re.M)
+    if not found:
+        raise HarnessError("linux-image-amd64 in backports names no kernel image")
+    release, version = max(found, key=lambda rv: [int(n) for n in re.findall(r"\d+", rv[1])])
+    return Kernel(release=release, version=version)
+
+
 def resolve_kernel(refresh: bool) -> Kernel:
     """The newest backports kernel; remembered, as backports keeps only one."""
     remembered = CACHE / "kernel.json"
@@ -198,12 +207,7 @@ def resolve_kernel(refresh: bool) -> Kernel:
         return Kernel(**json.loads(remembered.read_text()))
     opts = backports_apt()
     run("apt-get", *opts, "update")
-    show = run("apt-cache", *opts, "show", "linux-image-amd64").stdout
-    found = re.findall(r"^Depends:\s*linux-image-(\S+)\s*\(=\s*([^)\s]+)\)", show, re.M)
-    if not found:
-        raise HarnessError("linux-image-amd64 in backports names no kernel image")
-    release, version = max(found, key=lambda rv: [int(n) for n in re.findall(r"\d+", rv[1])])
-    kernel = Kernel(release=release, version=version)
+    kernel = newest_kernel(run("apt-cache", *opts, "show", "linux-image-amd64").stdout)
     log(f"kernel {kernel.release} ({kernel.version})")
     remembered.write_text(json.dumps(kernel.__dict__))
     return kernel
@@ -456,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     go = sub.add_parser("run", help="boot and run a command in the current directory")
     go.add_argument("--timeout", type=float, default=float(os.environ.get("VDPAD_VM_TIMEOUT", 1800)))
     go.add_argument("--memory", default=os.environ.get("VDPAD_VM_MEMORY", "3G"))
+    go.add_argument("--collect", type=Path, metavar="DIR",
+                    help="copy what the guest wrote to $VDPAD_VM_OUT into DIR afterwards")
     go.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
@@ -468,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("run needs a command")
-    return boot(kernel, initramfs, command, cwd=Path.cwd(), timeout=args.timeout,
-                memory=args.memory).returncode
+    result = boot(kernel, initramfs, command, cwd=Path.cwd(), timeout=args.timeout,
+                  memory=args.memory)
+    if args.collect:
+        shutil.copytree(result.out, args.collect, dirs_exist_ok=True)
+    return result.returncode
 
 
 if __name__ == "__main__":

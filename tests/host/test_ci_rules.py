@@ -1,0 +1,45 @@
+"""The rule that under CI a kernel test is never skipped, checked with pytest's own pytester."""
+
+import shutil
+from pathlib import Path
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+KERNEL_TEST = """
+import pytest
+pytestmark = pytest.mark.kernel
+
+def test_needs_device():
+    assert True
+"""
+
+
+def _project(pytester):
+    shutil.copy(CONFTEST, pytester.path / "conftest.py")
+    pytester.makeini("[pytest]\nmarkers =\n    kernel: needs a vdpa kernel\n")
+    pytester.makepyfile(test_kernel=KERNEL_TEST)
+
+
+def test_kernel_test_skips_outside_vm(pytester, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("VDPAD_IN_VM", raising=False)
+    _project(pytester)
+    pytester.runpytest_inprocess().assert_outcomes(skipped=1)
+
+
+def test_kernel_test_skip_fails_under_ci(pytester, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("VDPAD_IN_VM", raising=False)
+    _project(pytester)
+    result = pytester.runpytest_subprocess()
+    # The skip happens at set-up, so pytest reports the failure as an error.
+    result.assert_outcomes(errors=1)
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*kernel test skipped under CI*"])
+
+
+def test_kernel_test_runs_in_vm(pytester, monkeypatch):
+    monkeypatch.setenv("VDPAD_IN_VM", "1")
+    _project(pytester)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
