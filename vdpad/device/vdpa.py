@@ -59,6 +59,14 @@ class VhostVdpa(VhostFd):
         self._ioctl("GET_VRING_NUM", lib.VHOST_VDPA_GET_VRING_NUM, value)
         return value[0]
 
+    def get_vring_group(self, index: int) -> int:
+        """The virtqueue group vq `index` belongs to."""
+        return self._vring_state("GET_VRING_GROUP", lib.VHOST_VDPA_GET_VRING_GROUP, index, 0)
+
+    def set_group_asid(self, group: int, asid: int) -> None:
+        """Make the vqs of `group` translate through address space `asid`."""
+        self._vring_state("SET_GROUP_ASID", lib.VHOST_VDPA_SET_GROUP_ASID, group, asid, asid=asid)
+
     def get_iova_range(self) -> IovaRange:
         value = ffi.new("struct vhost_vdpa_iova_range *")
         self._ioctl("GET_IOVA_RANGE", lib.VHOST_VDPA_GET_IOVA_RANGE, value)
