@@ -1,13 +1,15 @@
 """The device layer: one class per vhost fd kind, typed methods, no policy."""
 
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
-from vdpad.device.fd import VhostFd, VringAddr
+from vdpad.device.fd import DirtyLog, VhostFd
 from vdpad.device.flags import BackendFeature, BlkFeature, DeviceStatus, NetFeature, VirtioFeature
-from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType, Version
+from vdpad.device.iotlb_msg import Access, CodecError, IotlbMessage, MessageType, Version
+from vdpad.device.net import GuestRegion, VhostNet
 from vdpad.device.vdpa import IovaRange, VhostVdpa
+from vdpad.device.vring import VringAddr, VringEndian
 
 __all__ = [
-    "Access", "BackendFeature", "BlkFeature", "DeviceStatus", "InvalidArgument", "IotlbMessage",
-    "IovaRange", "MessageType", "NetFeature", "NotSupportedError", "Version", "VhostError",
-    "VhostFd", "VhostVdpa", "VirtioFeature", "VringAddr",
+    "Access", "BackendFeature", "BlkFeature", "CodecError", "DeviceStatus", "DirtyLog", "GuestRegion",
+    "InvalidArgument", "IotlbMessage", "IovaRange", "MessageType", "NetFeature", "NotSupportedError",
+    "Version", "VhostError", "VhostFd", "VhostNet", "VhostVdpa", "VirtioFeature", "VringAddr", "VringEndian",
 ]

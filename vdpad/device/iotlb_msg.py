@@ -41,6 +41,11 @@ class Version(enum.IntEnum):
 
 U64 = (1 << 64) - 1
 
+# The message types the kernel's write handler acts on; it answers any other with EFAULT.
+WRITABLE = frozenset({MessageType.UPDATE, MessageType.INVALIDATE, MessageType.BATCH_BEGIN, MessageType.BATCH_END})
+_IOTLB_OFFSET = ffi.offsetof("struct vhost_msg_v2", "iotlb")
+_IOTLB_END = _IOTLB_OFFSET + ffi.offsetof("struct vhost_iotlb_msg", "type") + 1
+
 
 class CodecError(ValueError):
     """Bytes that are not an IOTLB message, or a message that cannot be framed."""
@@ -61,13 +66,44 @@ class IotlbMessage:
                 raise CodecError(f"{name}={getattr(self, name)!r} does not fit in 64 bits")
         if not 0 <= self.asid <= 0xFFFFFFFF:
             raise CodecError(f"asid={self.asid!r} does not fit in 32 bits")
-        object.__setattr__(self, "type", MessageType(self.type))
+        try:
+            object.__setattr__(self, "type", MessageType(self.type))
+        except ValueError:
+            raise CodecError(f"unknown IOTLB message type {self.type!r}") from None
+        if not 0 <= int(self.perm) <= Access.RW:
+            raise CodecError(f"perm={int(self.perm)!r} is not an access mode (RO=1, WO=2, RW=3)")
         object.__setattr__(self, "perm", Access(self.perm))
 
     @property
     def last(self) -> int:
         """The last IOVA covered (inclusive), as the kernel counts."""
         return self.iova + self.size - 1
+
+    def problem_for_write(self) -> str | None:
+        """Why the kernel would refuse this message when written, or None.
+
+        The kernel answers every one of these with a bare EFAULT; here each
+        gets its reason.
+        """
+        kind = self.type.name
+        if self.type not in WRITABLE:
+            return f"{kind} is not a message userspace writes (the kernel acts on UPDATE, INVALIDATE, BATCH_BEGIN, BATCH_END)"
+        if self.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END):
+            if self.iova or self.size or self.uaddr or self.perm:
+                return f"{kind} carries no range: iova, size, uaddr and perm must be 0"
+            return None
+        if self.size == 0:
+            return f"{kind} with size 0 covers nothing"
+        if self.last > U64:
+            return f"iova={self.iova:#x} + size={self.size:#x} runs past the end of the 64-bit IOVA space"
+        if self.type is MessageType.UPDATE:
+            if self.uaddr + self.size - 1 > U64:
+                return f"uaddr={self.uaddr:#x} + size={self.size:#x} runs past the end of the address space"
+            if self.perm not in (Access.RO, Access.WO, Access.RW):
+                return f"UPDATE needs perm RO, WO or RW, not {self.perm.name}"
+        elif self.perm:
+            return f"INVALIDATE takes no perm (got {self.perm.name})"
+        return None
 
     def encode(self, version: Version = Version.V2) -> bytes:
         if version is Version.V1 and self.asid:
@@ -81,8 +117,9 @@ class IotlbMessage:
         return bytes(ffi.buffer(msg))
 
     @classmethod
-    def decode(cls, data: bytes) -> IotlbMessage:
+    def decode(cls, data: bytes | bytearray | memoryview) -> IotlbMessage:
         """A message as the kernel frames it; the version is read from its first word."""
+        data = bytes(data)
         if len(data) < 4:
             raise CodecError(f"{len(data)} bytes is too short for an IOTLB message")
         version_word = int.from_bytes(data[:4], "little")
@@ -92,11 +129,11 @@ class IotlbMessage:
             raise CodecError(f"unknown IOTLB message version {version_word}") from None
         if len(data) != version.size:
             raise CodecError(f"a {version.name} message is {version.size} bytes, not {len(data)}")
+        if version is Version.V1 and any(data[4:_IOTLB_OFFSET]):
+            raise CodecError(f"a V1 message has padding (no asid) at bytes 4..{_IOTLB_OFFSET - 1}: found {data[4:_IOTLB_OFFSET].hex()}")
+        if any(data[_IOTLB_END:]):
+            raise CodecError(f"bytes {_IOTLB_END}..{len(data) - 1} are padding and must be 0")
         msg = ffi.new(version.struct + " *")
         ffi.memmove(msg, data, version.size)
-        try:
-            kind = MessageType(msg.iotlb.type)
-        except ValueError:
-            raise CodecError(f"unknown IOTLB message type {msg.iotlb.type}") from None
-        return cls(kind, msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr, Access(msg.iotlb.perm & 3),
+        return cls(msg.iotlb.type, msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr, msg.iotlb.perm,
                    msg.asid if version is Version.V2 else 0)
