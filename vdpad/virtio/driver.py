@@ -1,0 +1,173 @@
+"""A userspace virtio driver over vhost-vdpa: feature negotiation, status, vrings, notifications.
+
+It drives the device exactly as a guest driver would (virtio 1.x, 3.1.1), with
+vhost-vdpa ioctls for the transport: the rings live in memory the caller has
+mapped into the device's IOTLB, kicks go through an eventfd per queue, and
+the device signals a call eventfd per queue when it used buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from vdpad.device import DeviceStatus, VhostVdpa, VirtioFeature, VringAddr
+from vdpad.virtio.dma import DmaArena
+from vdpad.virtio.ring import RingLayout, SplitRing, Used
+
+log = structlog.get_logger("vdpad.virtio")
+
+# vhost-vdpa serves only modern devices behind an IOTLB.
+REQUIRED_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+RING_ALIGN = 4096  # rings start on a page of their own: easy to read in a trace
+
+
+class DriverError(RuntimeError):
+    """The device did not behave as the driver needs (features, status, a queue that never answered)."""
+
+
+def negotiate(offered: int, wanted: int, required: int = REQUIRED_FEATURES) -> int:
+    """The features to ack: `wanted` (which includes `required`) as far as offered; all of `required` or an error."""
+    missing = required & ~offered
+    if missing:
+        raise DriverError(f"device does not offer required features {missing:#x} (offered {offered:#x})")
+    return (wanted | required) & offered
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A queue the driver sets up: its index, size and the arena its ring and buffers come from."""
+
+    index: int
+    size: int
+    arena: DmaArena
+
+
+class Virtqueue:
+    """One live queue: the split ring plus its kick and call eventfds."""
+
+    def __init__(self, index: int, ring: SplitRing, kick_fd: int, call_fd: int):
+        self.index, self.ring = index, ring
+        self.kick_fd, self.call_fd = kick_fd, call_fd
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def wait_used(self, count: int, timeout: float) -> list[Used]:
+        """Reap until `count` chains came back, sleeping on the call eventfd; DriverError after `timeout` s."""
+        done: list[Used] = self.ring.reap()
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.call_fd, select.POLLIN)
+        while len(done) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DriverError(f"queue {self.index}: {len(done)} of {count} buffers used after {timeout} s "
+                                  f"(avail {self.ring.avail_idx}, used {self.ring.used_idx})")
+            # The call eventfd wakes us; the short cap also covers a device that used buffers without signalling.
+            if poller.poll(min(left, 0.05) * 1000):
+                try:
+                    os.eventfd_read(self.call_fd)
+                except BlockingIOError:
+                    pass
+            done += self.ring.reap()
+        return done
+
+
+class VirtioDriver:
+    """What every device type shares: bring-up from reset to DRIVER_OK over its queues.
+
+    The device must be in reset when `start` is called (a fresh fd, or after
+    the IOTLB engine's reset, which keeps or replays the maps): the driver
+    never resets it itself, so it can never drop maps behind the engine's back.
+    """
+
+    device_id: int = 0
+
+    def __init__(self, dev: VhostVdpa):
+        found = dev.get_device_id()
+        if self.device_id and found != self.device_id:
+            raise DriverError(f"{dev.path} is virtio device {found}, not {self.device_id} ({type(self).__name__})")
+        self.dev = dev
+        self.features = 0
+        self.queues: dict[int, Virtqueue] = {}
+        self._eventfds: dict[int, tuple[int, int]] = {}
+        self._log = log.bind(device=dev.path)
+
+    # -- bring-up ---------------------------------------------------------
+    def _start(self, wanted: int, specs: Sequence[QueueSpec]) -> None:
+        status = self.dev.get_status()
+        if status != DeviceStatus.RESET:
+            raise DriverError(f"{self.dev.path} has status {status!r}: reset it (through the IOTLB engine) first")
+        max_size = self.dev.get_vring_num()
+        for spec in specs:
+            if spec.size > max_size:
+                raise DriverError(f"queue {spec.index}: size {spec.size} exceeds the device's {max_size}")
+        self.queues = {}
+        step = DeviceStatus.ACKNOWLEDGE
+        self.dev.set_status(step)
+        step |= DeviceStatus.DRIVER
+        self.dev.set_status(step)
+        self.features = negotiate(self.dev.get_features(), wanted)
+        self.dev.set_features(self.features)
+        step |= DeviceStatus.FEATURES_OK
+        self.dev.set_status(step)
+        if DeviceStatus.FEATURES_OK not in self.dev.get_status():
+            self.dev.set_status(step | DeviceStatus.FAILED)
+            raise DriverError(f"{self.dev.path} refused features {self.features:#x} (FEATURES_OK did not stick)")
+        for arena in {id(spec.arena): spec.arena for spec in specs}.values():
+            arena.reset()
+        for spec in specs:
+            self.queues[spec.index] = self._setup_queue(spec)
+        self._post_initial_buffers()
+        # Rings are enabled before DRIVER_OK: valid with or without ENABLE_AFTER_DRIVER_OK.
+        for index in self.queues:
+            self.dev.set_vring_enable(index, True)
+        self.dev.set_status(step | DeviceStatus.DRIVER_OK)
+        self._log.debug("virtio.driver_ok", features=hex(self.features), queues=sorted(self.queues))
+        for queue in self.queues.values():
+            if queue.ring.in_flight:
+                queue.kick()
+
+    def _setup_queue(self, spec: QueueSpec) -> Virtqueue:
+        layout = RingLayout(spec.size)
+        memory = spec.arena.alloc(layout.size, RING_ALIGN)
+        ring = SplitRing(memory.view, spec.size)
+        kick_fd, call_fd = self._eventfds.get(spec.index) or self._new_eventfds(spec.index)
+        self.dev.set_vring_num(spec.index, spec.size)
+        self.dev.set_vring_addr(spec.index, VringAddr(desc=memory.iova + layout.desc,
+                                                      used=memory.iova + layout.used,
+                                                      avail=memory.iova + layout.avail))
+        self.dev.set_vring_base(spec.index, ring.avail_idx)
+        self.dev.set_vring_kick(spec.index, kick_fd)
+        self.dev.set_vring_call(spec.index, call_fd)
+        return Virtqueue(spec.index, ring, kick_fd, call_fd)
+
+    def _new_eventfds(self, index: int) -> tuple[int, int]:
+        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+        pair = (os.eventfd(0, flags), os.eventfd(0, flags))
+        self._eventfds[index] = pair
+        return pair
+
+    def _post_initial_buffers(self) -> None:
+        """Device types that receive (net RX) queue their buffers here, before DRIVER_OK."""
+
+    # -- life cycle -------------------------------------------------------
+    def close(self) -> None:
+        """Close the eventfds (the device fd and the memory are the caller's)."""
+        for kick_fd, call_fd in self._eventfds.values():
+            os.close(kick_fd)
+            os.close(call_fd)
+        self._eventfds.clear()
+        self.queues = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
