@@ -1,0 +1,456 @@
+"""A vhost-vdpa device's IOTLB: address spaces changed by transactions, kept across resets."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
+from vdpad.device.flags import BackendFeature
+from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType
+from vdpad.device.vdpa import IovaRange, VhostVdpa
+from vdpad.iotlb.memory import PAGE_SIZE
+from vdpad.iotlb.plan import Plan, replay, transition, update_message
+from vdpad.iotlb.plan import plan as plan_change
+from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
+
+log = structlog.get_logger("vdpad.iotlb")
+
+#: Acked whenever offered: v2 framing (asid field), batches, address spaces.
+BASE_FEATURES = BackendFeature.IOTLB_MSG_V2 | BackendFeature.IOTLB_BATCH | BackendFeature.IOTLB_ASID
+
+
+@dataclass(frozen=True)
+class Written:
+    """One IOTLB message written to the device, and the kernel's refusal if it refused."""
+
+    message: IotlbMessage
+    error: OSError | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None
+
+
+class Trace(list[Written]):
+    """The messages written while recording, in order."""
+
+    def messages(self, *types: MessageType) -> list[IotlbMessage]:
+        """The accepted messages, of the given types only when types are given."""
+        return [w.message for w in self if w.accepted and (not types or w.message.type in types)]
+
+
+@dataclass(frozen=True)
+class SpaceView:
+    """A read-only picture of one address space."""
+
+    asid: int
+    map: AddressMap  # what the user asked for, normalised
+    units: tuple[Mapping, ...]  # the kernel's entries, as they were sent
+    passthrough: bool  # the device still has its initial 1:1 map (nothing sent since the last clean reset)
+
+    @property
+    def entries(self) -> tuple[Mapping, ...]:
+        return self.map.entries
+
+    def __iter__(self) -> Iterator[Mapping]:
+        return iter(self.map)
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+    def lookup(self, iova: int) -> Mapping | None:
+        return self.map.lookup(iova)
+
+    @property
+    def in_sync(self) -> bool:
+        """The kernel translates exactly as the map says (false only after a failed replay)."""
+        return not plan_change(self.units, self.map)
+
+
+@dataclass
+class _Space:
+    view: AddressMap = field(default_factory=AddressMap)
+    units: tuple[Mapping, ...] = ()
+    passthrough: bool = True
+
+
+class RollbackError(VhostError):
+    """The kernel refused a message, and then refused a message sent to undo the commit.
+
+    `space` shows what the kernel holds now (tracked message by message).
+    """
+
+    def __init__(self, refused: VhostError, undo: VhostError, space: SpaceView):
+        self.refused, self.undo, self.space = refused, undo, space
+        super().__init__(undo.errno, undo.op, undo.device, undo.args_shown)
+        self.strerror = (f"{refused.strerror}; rolling back then failed too: {undo.strerror}. "
+                         f"The kernel now holds {len(space.units)} entries in AS {space.asid}")
+
+
+class DeviceIotlb:
+    """The IOTLB of one owned vhost-vdpa device: one address map per address space.
+
+    Negotiates the backend features at once (see module docstring); the fd
+    must already be owned (set_owner) before anything is committed.
+    Thread-safe: commits, resets and group changes are serialised.
+    """
+
+    def __init__(self, dev: VhostVdpa, *, persist: bool = True,
+                 backend_features: BackendFeature | int = BackendFeature(0)):
+        self.dev = dev
+        offered = dev.get_backend_features()
+        extra = BackendFeature(int(backend_features))
+        if extra & ~offered:
+            raise InvalidArgument("SET_BACKEND_FEATURES", dev.path,
+                                  f"{extra & ~offered!r} asked for but the device offers only {offered!r}")
+        wanted = BASE_FEATURES | (BackendFeature.IOTLB_PERSIST if persist else BackendFeature(0))
+        dev.set_backend_features((wanted & offered) | extra)
+        self.acked = dev.acked_backend_features
+        self.iova_range: IovaRange = dev.get_iova_range()
+        self.as_num = self._count(dev.get_as_num) if BackendFeature.IOTLB_ASID in self.acked else 1
+        self.group_num = self._count(dev.get_group_num)
+        self._spaces = [_Space() for _ in range(self.as_num)]
+        self._group_asid: dict[int, int] = {}
+        self._recorders: list[Callable[[Written], None]] = []
+        self._lock = threading.RLock()
+        self._log = log.bind(device=dev.path)
+        self._log.debug("iotlb.open", acked=str(self.acked), as_num=self.as_num,
+                        iova_first=self.iova_range.first, iova_last=self.iova_range.last)
+
+    @staticmethod
+    def _count(getter: Callable[[], int]) -> int:
+        try:
+            return getter()
+        except NotSupportedError:  # kernels before address spaces: one of everything
+            return 1
+
+    # -- what is known ------------------------------------------------------------
+    @property
+    def persistent(self) -> bool:
+        """The kernel keeps the maps across SET_STATUS(0) (IOTLB_PERSIST acked)."""
+        return BackendFeature.IOTLB_PERSIST in self.acked
+
+    @property
+    def batching(self) -> bool:
+        return BackendFeature.IOTLB_BATCH in self.acked
+
+    def space(self, asid: int = 0) -> SpaceView:
+        self._check_asid("IOTLB space", asid)
+        with self._lock:
+            return self._view(asid)
+
+    def _view(self, asid: int) -> SpaceView:
+        space = self._spaces[asid]
+        return SpaceView(asid, space.view, space.units, space.passthrough)
+
+    @property
+    def group_asids(self) -> dict[int, int]:
+        """The groups this engine moved, and to which address space."""
+        with self._lock:
+            return dict(self._group_asid)
+
+    # -- the trace ------------------------------------------------------------------
+    def add_recorder(self, recorder: Callable[[Written], None]) -> None:
+        self._recorders.append(recorder)
+
+    def remove_recorder(self, recorder: Callable[[Written], None]) -> None:
+        self._recorders.remove(recorder)
+
+    @contextmanager
+    def record(self) -> Iterator[Trace]:
+        """`with iotlb.record() as trace:` collects every message written meanwhile."""
+        trace = Trace()
+        self.add_recorder(trace.append)
+        try:
+            yield trace
+        finally:
+            self.remove_recorder(trace.append)
+
+    # -- changing maps ------------------------------------------------------------------
+    def transaction(self, asid: int = 0) -> Transaction:
+        return Transaction(self, asid)
+
+    def map(self, asid: int, iova: int, region: Memory, offset: int, size: int,
+            perm: Access = Access.RW) -> Plan:
+        """A one-operation transaction; returns what was sent."""
+        with self.transaction(asid) as tx:
+            tx.map(iova, region, offset, size, perm)
+        return tx.sent
+
+    def unmap(self, asid: int, iova: int, size: int) -> Plan:
+        with self.transaction(asid) as tx:
+            tx.unmap(iova, size)
+        return tx.sent
+
+    def set_group_asid(self, group: int, asid: int) -> None:
+        """Make the vqs of `group` use address space `asid` (kept across reset())."""
+        if not 0 <= group < self.group_num:
+            raise InvalidArgument("SET_GROUP_ASID", self.dev.path,
+                                  f"group={group} is not below the device's {self.group_num} groups")
+        self._check_asid("SET_GROUP_ASID", asid)
+        with self._lock:
+            self.dev.set_group_asid(group, asid)
+            self._group_asid[group] = asid
+
+    def reset(self) -> None:
+        """SET_STATUS(0), then every address space translates as before.
+
+        With IOTLB_PERSIST the kernel kept the maps: no IOTLB message is sent.
+        Without it the device's maps went back to passthrough: each address
+        space is replayed (see plan.replay), one batch per space. Group
+        address spaces are set again either way (devices point every vq back
+        at AS 0 on reset).
+        """
+        with self._lock:
+            if not self.persistent:
+                for asid, space in enumerate(self._spaces):
+                    for entry in space.view:
+                        if entry.region.closed:
+                            raise InvalidArgument("reset", self.dev.path,
+                                                  f"{entry} in AS {asid} points into a closed region: "
+                                                  "it could not be replayed")
+            self.dev.set_status(0)
+            failures: list[VhostError] = []
+            if not self.persistent:
+                for asid, space in enumerate(self._spaces):
+                    if space.passthrough:
+                        continue  # never changed: the reset gave it back what it had
+                    space.passthrough = True
+                    try:
+                        self._replay(asid, space)
+                    except VhostError as error:
+                        error.add_note(f"AS {asid} is only partly replayed: commit an empty "
+                                       "transaction on it to retry")
+                        failures.append(error)
+            for group, asid in self._group_asid.items():
+                self.dev.set_group_asid(group, asid)
+            self._log.debug("iotlb.reset", persistent=self.persistent, failed=len(failures))
+            if failures:
+                raise failures[0]
+
+    def _replay(self, asid: int, space: _Space) -> None:
+        work = replay(space.units, space.view)
+        if work:
+            self._run(asid, space, work)
+        elif self.batching:
+            # An empty map that is not passthrough: a batch with nothing in it
+            # hands the device the (empty) map, as a persistent device kept it.
+            self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
+            self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
+            space.passthrough = False
+        else:
+            self._write(IotlbMessage(MessageType.INVALIDATE, self.iova_range.first, PAGE_SIZE, asid=asid))
+            space.passthrough = False
+
+    # -- async (never block a trio loop: a write that pins pages can take long) -----------
+    @asynccontextmanager
+    async def atransaction(self, asid: int = 0) -> AsyncIterator[Transaction]:
+        """`async with iotlb.atransaction(asid) as tx:` commits in a worker thread."""
+        tx = Transaction(self, asid)
+        yield tx
+        await trio.to_thread.run_sync(tx.commit)
+
+    async def amap(self, asid: int, iova: int, region: Memory, offset: int, size: int,
+                   perm: Access = Access.RW) -> Plan:
+        return await trio.to_thread.run_sync(functools.partial(self.map, asid, iova, region, offset, size, perm))
+
+    async def aunmap(self, asid: int, iova: int, size: int) -> Plan:
+        return await trio.to_thread.run_sync(self.unmap, asid, iova, size)
+
+    async def areset(self) -> None:
+        await trio.to_thread.run_sync(self.reset)
+
+    async def aset_group_asid(self, group: int, asid: int) -> None:
+        await trio.to_thread.run_sync(self.set_group_asid, group, asid)
+
+    # -- validation ------------------------------------------------------------------------
+    def _refuse(self, op: str, problem: str) -> InvalidArgument:
+        return InvalidArgument(op, self.dev.path, problem)
+
+    def _check_asid(self, op: str, asid: int) -> None:
+        if not 0 <= asid < self.as_num:
+            why = "" if BackendFeature.IOTLB_ASID in self.acked else " (IOTLB_ASID not acked)"
+            raise self._refuse(op, f"asid={asid} is not below the device's {self.as_num} address spaces{why}")
+
+    def _check_range(self, op: str, iova: int, size: int) -> None:
+        if not isinstance(iova, int) or not isinstance(size, int):
+            raise self._refuse(op, f"iova={iova!r} and size={size!r} must be integers")
+        if size <= 0:
+            raise self._refuse(op, f"size={size:#x} must be positive")
+        for name, value in (("iova", iova), ("size", size)):
+            if value % PAGE_SIZE:
+                raise self._refuse(op, f"{name}={value:#x} is not a multiple of the page size {PAGE_SIZE:#x}")
+        first, last = self.iova_range.first, self.iova_range.last
+        if iova < first or iova + size - 1 > last:
+            raise self._refuse(op, f"{describe_range(iova, size)} is outside the device's IOVA range "
+                                   f"[{first:#x}, {last:#x}]")
+
+    def _checked_mapping(self, iova: int, region: Memory, offset: int, size: int, perm: Access) -> Mapping:
+        op = "IOTLB map"
+        self._check_range(op, iova, size)
+        try:
+            perm = Access(perm)
+        except ValueError:
+            perm = None
+        if perm not in VALID_PERMS:
+            raise self._refuse(op, f"perm must be RO, WO or RW, not {perm!r}")
+        for attribute in ("address", "size", "closed"):
+            if not hasattr(region, attribute):
+                raise self._refuse(op, f"{region!r} is not a memory region (no {attribute})")
+        if region.closed:
+            raise self._refuse(op, f"{region!r} is closed")
+        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+            raise self._refuse(op, f"offset={offset!r} is not a page-aligned offset (page size {PAGE_SIZE:#x})")
+        if offset + size > region.size:
+            raise self._refuse(op, f"offset {offset:#x} + size {size:#x} runs past the end of {region!r}")
+        return Mapping(iova, size, region, offset, perm)
+
+    # -- commit ------------------------------------------------------------------------------
+    def _commit(self, tx: Transaction) -> Plan:
+        with self._lock:
+            space = self._spaces[tx.asid]
+            target = tx._replay_onto(space.view)  # other commits may have landed since tx began
+            for entry in target:
+                if entry.region.closed:
+                    raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
+            work = plan_change(space.units, target)
+            self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate),
+                            update=len(work.update), entries=len(target))
+            if work:
+                self._run(tx.asid, space, work, undo_to=space.units)
+            space.view = target
+            return work
+
+    def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: tuple[Mapping, ...] | None = None) -> None:
+        """Send `work` for one address space, inside one batch when batches are acked.
+
+        `space.units` follows the kernel message by message. If the kernel
+        refuses one and `undo_to` is given, the units are brought back to it
+        in the same batch, so a batching device never sees the half-way map.
+        """
+        if self.batching:
+            self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
+        space.passthrough = False  # from here on only a clean reset brings it back
+        try:
+            try:
+                self._send(asid, space, work)
+            except VhostError as refused:
+                if undo_to is None:
+                    raise
+                try:
+                    self._send(asid, space, transition(space.units, undo_to))
+                except VhostError as undo:
+                    raise RollbackError(refused, undo, self._view(asid)) from refused
+                refused.add_note(f"rolled back: AS {asid} holds what it held before the commit")
+                raise
+        finally:
+            if self.batching:
+                self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
+
+    def _send(self, asid: int, space: _Space, work: Plan) -> None:
+        for iova, size in work.invalidate:
+            self._write(IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid))
+            end = iova + size
+            space.units = tuple(u for u in space.units if u.end <= iova or u.iova >= end)
+        for unit in work.update:
+            self._write(update_message(unit, asid))
+            space.units = tuple(sorted(space.units + (unit,), key=lambda u: u.iova))
+
+    def _write(self, message: IotlbMessage) -> None:
+        try:
+            self.dev.write_iotlb(message)
+        except OSError as error:
+            self._tell(Written(message, error))
+            raise
+        self._tell(Written(message))
+
+    def _tell(self, written: Written) -> None:
+        for recorder in list(self._recorders):
+            recorder(written)
+
+
+class Transaction:
+    """Map and unmap operations on one address space, committed together.
+
+    Each operation is checked when it is made (InvalidArgument, nothing
+    sent); commit() sends the minimal change, or nothing for an equivalent
+    map. As a context manager it commits on a clean exit and drops
+    everything on an exception.
+    """
+
+    def __init__(self, iotlb: DeviceIotlb, asid: int = 0):
+        iotlb._check_asid("IOTLB transaction", asid)
+        self._iotlb, self.asid = iotlb, asid
+        self._ops: list[Callable[[AddressMap], AddressMap]] = []
+        self._pending = iotlb.space(asid).map
+        self._state = "open"
+        self.sent: Plan | None = None
+
+    @property
+    def pending(self) -> AddressMap:
+        """The map as it will be after commit."""
+        return self._pending
+
+    def map(self, iova: int, region: Memory, offset: int, size: int, perm: Access = Access.RW) -> Transaction:
+        self._check_open()
+        mapping = self._iotlb._checked_mapping(iova, region, offset, size, perm)
+
+        def op(current: AddressMap) -> AddressMap:
+            try:
+                return current.mapped(mapping)
+            except OverlapError as error:
+                raise self._iotlb._refuse("IOTLB map", str(error)) from None
+
+        self._pending = op(self._pending)
+        self._ops.append(op)
+        return self
+
+    def unmap(self, iova: int, size: int) -> Transaction:
+        self._check_open()
+        self._iotlb._check_range("IOTLB unmap", iova, size)
+
+        def op(current: AddressMap) -> AddressMap:
+            if not current.overlapping(iova, size):
+                raise self._iotlb._refuse("IOTLB unmap", f"nothing is mapped in {describe_range(iova, size)} "
+                                                         f"of AS {self.asid}")
+            return current.unmapped(iova, size)
+
+        self._pending = op(self._pending)
+        self._ops.append(op)
+        return self
+
+    def _replay_onto(self, current: AddressMap) -> AddressMap:
+        for op in self._ops:
+            current = op(current)
+        return current
+
+    def commit(self) -> Plan:
+        """Send the change; returns the plan that was sent (empty when nothing changed)."""
+        self._check_open()
+        self._state = "failed"
+        self.sent = self._iotlb._commit(self)
+        self._state = "committed"
+        return self.sent
+
+    def abort(self) -> None:
+        self._state = "aborted"
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise InvalidArgument("IOTLB transaction", self._iotlb.dev.path, f"the transaction is {self._state}")
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()

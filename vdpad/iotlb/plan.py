@@ -1,0 +1,102 @@
+"""The messages that take one address space from what the kernel holds to a wanted map.
+
+What the kernel holds is tracked as *units*: the UPDATEs it accepted, exactly
+as sent. They are not the user's normalised map (two units may continue each
+other; one map entry may be several units), and the difference matters
+because of how vhost-vdpa treats its entries (drivers/vhost/vdpa.c, iotlb.c):
+
+- an UPDATE that intersects any entry is refused (EEXIST, seen as EFAULT);
+- an INVALIDATE of [iova, iova + size) frees every entry that intersects the
+  range, *whole*: there is no partial unmap;
+- in PA mode one UPDATE becomes one kernel entry per physically contiguous
+  chunk, at boundaries userspace cannot know. Each chunk lies inside the
+  UPDATE's range, so a unit is only ever removed whole, by an INVALIDATE that
+  covers it and touches no unit that stays.
+
+Minimal, then, means: no unit that still translates as wanted is touched
+(nothing re-pinned, nothing the device uses disturbed); a unit with any
+changed byte is invalidated whole and its unchanged bytes are sent again; the
+INVALIDATEs are as few as the kept units allow (one per run of removed units
+with no kept unit between them); the UPDATEs are as few as contiguous memory
+allows (one per stretch of the wanted map, same region with the offset
+running on and the same permission, not covered by a kept unit).
+INVALIDATEs go first so no UPDATE meets an entry on its way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from vdpad.device.iotlb_msg import IotlbMessage, MessageType
+from vdpad.iotlb.space import AddressMap, Mapping
+
+
+@dataclass(frozen=True)
+class Plan:
+    """INVALIDATE ranges, then UPDATEs, and the units the kernel holds afterwards."""
+
+    invalidate: tuple[tuple[int, int], ...]  # (iova, size)
+    update: tuple[Mapping, ...]
+    units: tuple[Mapping, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.invalidate or self.update)
+
+    def __len__(self) -> int:
+        return len(self.invalidate) + len(self.update)
+
+    def messages(self, asid: int = 0) -> list[IotlbMessage]:
+        return ([IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid) for iova, size in self.invalidate]
+                + [update_message(unit, asid) for unit in self.update])
+
+
+def update_message(unit: Mapping, asid: int = 0) -> IotlbMessage:
+    return IotlbMessage(MessageType.UPDATE, unit.iova, unit.size, unit.uaddr, unit.perm, asid)
+
+
+def _sorted(units: Iterable[Mapping]) -> list[Mapping]:
+    return sorted(units, key=lambda u: u.iova)
+
+
+def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[int, int], ...]:
+    """The fewest INVALIDATE ranges freeing every unit not in `keep` and no unit in it."""
+    ranges: list[tuple[int, int]] = []
+    start = end = None
+    for unit in _sorted(units):
+        if unit in keep:
+            if start is not None:
+                ranges.append((start, end - start))
+                start = None
+            continue
+        if start is None:
+            start = unit.iova
+        end = unit.end
+    if start is not None:
+        ranges.append((start, end - start))
+    return tuple(ranges)
+
+
+def transition(units: Iterable[Mapping], wanted: Iterable[Mapping]) -> Plan:
+    """From kernel entries `units` to exactly the entries `wanted` (used to roll back)."""
+    units, wanted = _sorted(units), _sorted(wanted)
+    keep = set(units) & set(wanted)
+    return Plan(invalidations(units, keep), tuple(u for u in wanted if u not in keep), tuple(wanted))
+
+
+def plan(units: Iterable[Mapping], target: AddressMap) -> Plan:
+    """The minimal change from kernel entries `units` to a kernel translating as `target`."""
+    units = _sorted(units)
+    kept = [u for u in units if target.matches(u)]
+    return transition(units, kept + target.without(kept))
+
+
+def replay(units: Iterable[Mapping], target: AddressMap) -> Plan:
+    """After a reset that emptied the device's map: send `target` again.
+
+    vhost-vdpa's own entries outlive SET_STATUS(0) even when the device's map
+    does not, so the old units are invalidated first (one INVALIDATE per run),
+    then `target` is sent as the fewest UPDATEs, like a first commit.
+    """
+    fresh = plan((), target)
+    return Plan(invalidations(list(units), set()), fresh.update, fresh.units)
