@@ -16,7 +16,7 @@ from vdpad.device.flags import BackendFeature
 from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType
 from vdpad.device.vdpa import IovaRange, VhostVdpa
 from vdpad.iotlb.memory import PAGE_SIZE
-from vdpad.iotlb.plan import Plan, replay, transition, update_message
+from vdpad.iotlb.plan import Plan, after_invalidate, after_update, replay, transition, update_message
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
 
@@ -31,7 +31,7 @@ class Written:
     """One IOTLB message written to the device, and the kernel's refusal if it refused."""
 
     message: IotlbMessage
-    error: OSError | None = None
+    error: Exception | None = None
 
     @property
     def accepted(self) -> bool:
@@ -81,17 +81,21 @@ class _Space:
     passthrough: bool = True
 
 
-class RollbackError(VhostError):
+# What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
+REFUSED = (VhostError, InvalidArgument)
+
+
+class RollbackError(Exception):
     """The kernel refused a message, and then refused a message sent to undo the commit.
 
-    `space` shows what the kernel holds now (tracked message by message).
+    `space` shows what the kernel holds now (tracked message by message);
+    `refused` is the first refusal, `undo` the second.
     """
 
-    def __init__(self, refused: VhostError, undo: VhostError, space: SpaceView):
+    def __init__(self, refused: Exception, undo: Exception, space: SpaceView):
         self.refused, self.undo, self.space = refused, undo, space
-        super().__init__(undo.errno, undo.op, undo.device, undo.args_shown)
-        self.strerror = (f"{refused.strerror}; rolling back then failed too: {undo.strerror}. "
-                         f"The kernel now holds {len(space.units)} entries in AS {space.asid}")
+        super().__init__(f"{refused}; rolling back then failed too: {undo}. "
+                         f"AS {space.asid} now holds {len(space.units)} kernel entries: see .space")
 
 
 class DeviceIotlb:
@@ -191,9 +195,6 @@ class DeviceIotlb:
 
     def set_group_asid(self, group: int, asid: int) -> None:
         """Make the vqs of `group` use address space `asid` (kept across reset())."""
-        if not 0 <= group < self.group_num:
-            raise InvalidArgument("SET_GROUP_ASID", self.dev.path,
-                                  f"group={group} is not below the device's {self.group_num} groups")
         self._check_asid("SET_GROUP_ASID", asid)
         with self._lock:
             self.dev.set_group_asid(group, asid)
@@ -217,7 +218,7 @@ class DeviceIotlb:
                                                   f"{entry} in AS {asid} points into a closed region: "
                                                   "it could not be replayed")
             self.dev.set_status(0)
-            failures: list[VhostError] = []
+            failures: list[Exception] = []
             if not self.persistent:
                 for asid, space in enumerate(self._spaces):
                     if space.passthrough:
@@ -225,7 +226,7 @@ class DeviceIotlb:
                     space.passthrough = True
                     try:
                         self._replay(asid, space)
-                    except VhostError as error:
+                    except REFUSED as error:
                         error.add_note(f"AS {asid} is only partly replayed: commit an empty "
                                        "transaction on it to retry")
                         failures.append(error)
@@ -341,12 +342,12 @@ class DeviceIotlb:
         try:
             try:
                 self._send(asid, space, work)
-            except VhostError as refused:
+            except REFUSED as refused:
                 if undo_to is None:
                     raise
                 try:
                     self._send(asid, space, transition(space.units, undo_to))
-                except VhostError as undo:
+                except REFUSED as undo:
                     raise RollbackError(refused, undo, self._view(asid)) from refused
                 refused.add_note(f"rolled back: AS {asid} holds what it held before the commit")
                 raise
@@ -357,16 +358,15 @@ class DeviceIotlb:
     def _send(self, asid: int, space: _Space, work: Plan) -> None:
         for iova, size in work.invalidate:
             self._write(IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid))
-            end = iova + size
-            space.units = tuple(u for u in space.units if u.end <= iova or u.iova >= end)
+            space.units = after_invalidate(space.units, iova, size)
         for unit in work.update:
             self._write(update_message(unit, asid))
-            space.units = tuple(sorted(space.units + (unit,), key=lambda u: u.iova))
+            space.units = after_update(space.units, unit)
 
     def _write(self, message: IotlbMessage) -> None:
         try:
             self.dev.write_iotlb(message)
-        except OSError as error:
+        except REFUSED as error:
             self._tell(Written(message, error))
             raise
         self._tell(Written(message))

@@ -77,6 +77,16 @@ def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[i
     return tuple(ranges)
 
 
+def after_invalidate(units: Iterable[Mapping], iova: int, size: int) -> tuple[Mapping, ...]:
+    """The units left once the kernel took an INVALIDATE: every unit it touches goes, whole."""
+    end = iova + size
+    return tuple(u for u in units if u.end <= iova or u.iova >= end)
+
+
+def after_update(units: Iterable[Mapping], unit: Mapping) -> tuple[Mapping, ...]:
+    return tuple(_sorted((*units, unit)))
+
+
 def transition(units: Iterable[Mapping], wanted: Iterable[Mapping]) -> Plan:
     """From kernel entries `units` to exactly the entries `wanted` (used to roll back)."""
     units, wanted = _sorted(units), _sorted(wanted)
