@@ -1,0 +1,309 @@
+"""The IOTLB engine against vdpa_sim (VA mode): the messages it sends, judged by the kernel.
+
+What the kernel holds is probed with a one-page UPDATE written behind the
+engine's back: vhost-vdpa refuses it (EFAULT) where an entry is, and takes
+it (the probe then invalidates it again) where none is.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from tests.bench.rig import debug_logging
+from vdpad.device import BackendFeature, InvalidArgument, IotlbMessage, MessageType, VhostError, VhostVdpa
+from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, Mapping, MemoryRegion, Perm
+
+pytestmark = pytest.mark.kernel
+
+P = PAGE_SIZE
+BASE = 0x7000_0000_0000  # far from this process's own addresses
+CVQ = 2
+UPDATE, INVALIDATE = MessageType.UPDATE, MessageType.INVALIDATE
+BEGIN, END = MessageType.BATCH_BEGIN, MessageType.BATCH_END
+
+
+def occupied(dev: VhostVdpa, scratch: MemoryRegion, iova: int, asid: int = 0) -> bool:
+    """Whether vhost-vdpa holds an entry at `iova` in `asid` (leaves it as it was)."""
+    try:
+        dev.write_iotlb(IotlbMessage(UPDATE, iova, P, scratch.address, Perm.RO, asid))
+    except VhostError as error:
+        assert error.errno == errno.EFAULT, error
+        return True
+    dev.write_iotlb(IotlbMessage(INVALIDATE, iova, P, asid=asid))
+    return False
+
+
+def kinds(trace) -> list[tuple]:
+    """(type, iova, size, asid) of each write, and whether the kernel took it."""
+    return [(w.message.type, w.message.iova, w.message.size, w.message.asid, w.accepted) for w in trace]
+
+
+@pytest.fixture
+def net(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(64 * P, "a") as a, MemoryRegion(64 * P, "b") as b, \
+            MemoryRegion(P, "scratch") as scratch:
+        dev.set_owner()
+        yield dev, DeviceIotlb(dev), a, b, scratch
+
+
+def test_negotiation_acks_what_the_engine_needs_and_what_is_asked(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev, backend_features=BackendFeature.SUSPEND | BackendFeature.RESUME)
+        wanted = (BackendFeature.IOTLB_MSG_V2 | BackendFeature.IOTLB_BATCH | BackendFeature.IOTLB_ASID
+                  | BackendFeature.IOTLB_PERSIST | BackendFeature.SUSPEND | BackendFeature.RESUME)
+        assert iotlb.acked == wanted == dev.acked_backend_features
+        assert iotlb.persistent and iotlb.batching
+        assert (iotlb.as_num, iotlb.group_num) == (2, 2)
+        assert iotlb.iova_range == dev.get_iova_range()
+        assert all(iotlb.space(asid).passthrough and not iotlb.space(asid).entries for asid in (0, 1))
+        with pytest.raises(InvalidArgument, match="DESC_ASID"):
+            DeviceIotlb(dev, backend_features=BackendFeature.DESC_ASID)  # not offered by vdpa_sim
+        assert not DeviceIotlb(dev, persist=False).persistent
+
+
+def test_a_first_map_is_one_batch_and_the_kernel_holds_it(net):
+    dev, iotlb, a, b, scratch = net
+    with iotlb.record() as trace:
+        with iotlb.transaction(0) as tx:
+            tx.map(BASE, a, 0, 8 * P)
+            tx.map(BASE + 8 * P, a, 8 * P, 8 * P)        # continues the same memory: one entry
+            tx.map(BASE + 32 * P, b, 4 * P, 2 * P, Perm.RO)
+    assert kinds(trace) == [(BEGIN, 0, 0, 0, True), (UPDATE, BASE, 16 * P, 0, True),
+                            (UPDATE, BASE + 32 * P, 2 * P, 0, True), (END, 0, 0, 0, True)]
+    assert [(m.uaddr, m.perm) for m in trace.messages(UPDATE)] == [(a.address, Perm.RW),
+                                                                   (b.address + 4 * P, Perm.RO)]
+    assert tx.sent.update == iotlb.space(0).units
+    view = iotlb.space(0)
+    assert not view.passthrough and view.in_sync
+    assert view.lookup(BASE + 9 * P) == Mapping(BASE, 16 * P, a, 0, Perm.RW)
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 15 * P)
+    assert occupied(dev, scratch, BASE + 33 * P)
+    assert not occupied(dev, scratch, BASE + 16 * P) and not occupied(dev, scratch, BASE + 34 * P)
+
+
+def test_a_plus_b_replaced_by_a_prime_and_split_back_send_nothing(net):
+    dev, iotlb, a, _, scratch = net
+    iotlb.map(0, BASE, a, 0, 4 * P)                 # A
+    iotlb.map(0, BASE + 4 * P, a, 4 * P, 4 * P)     # B: continues A's memory
+    units = iotlb.space(0).units
+    assert len(units) == 2 and len(iotlb.space(0).entries) == 1
+    with iotlb.record() as trace:
+        with iotlb.transaction(0) as tx:            # A + B -> A'
+            tx.unmap(BASE, 8 * P)
+            tx.map(BASE, a, 0, 8 * P)
+        with iotlb.transaction(0) as tx:            # A' -> A + B again
+            tx.unmap(BASE, 8 * P)
+            tx.map(BASE, a, 0, 4 * P)
+            tx.map(BASE + 4 * P, a, 4 * P, 4 * P)
+    assert list(trace) == [] and not tx.sent
+    assert iotlb.space(0).units == units
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 7 * P)
+
+
+def test_a_changed_permission_sends_the_invalidate_and_update_of_that_range_only(net):
+    dev, iotlb, a, _, scratch = net
+    iotlb.map(0, BASE, a, 0, 4 * P)
+    iotlb.map(0, BASE + 4 * P, a, 4 * P, 4 * P)
+    with iotlb.record() as trace:
+        with iotlb.transaction(0) as tx:
+            tx.unmap(BASE + 4 * P, 4 * P)
+            tx.map(BASE + 4 * P, a, 4 * P, 4 * P, Perm.RO)
+    assert kinds(trace) == [(BEGIN, 0, 0, 0, True), (INVALIDATE, BASE + 4 * P, 4 * P, 0, True),
+                            (UPDATE, BASE + 4 * P, 4 * P, 0, True), (END, 0, 0, 0, True)]
+    assert trace.messages(UPDATE)[0].perm is Perm.RO
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 4 * P)
+
+
+def test_a_change_inside_one_kernel_entry_sends_that_entry_again_whole(net):
+    dev, iotlb, a, _, scratch = net
+    iotlb.map(0, BASE, a, 0, 8 * P)
+    with iotlb.record() as trace:
+        iotlb.unmap(0, BASE + 2 * P, P)
+    # vhost-vdpa cannot cut an entry: it goes whole, both sides come back.
+    assert kinds(trace) == [(BEGIN, 0, 0, 0, True), (INVALIDATE, BASE, 8 * P, 0, True),
+                            (UPDATE, BASE, 2 * P, 0, True), (UPDATE, BASE + 3 * P, 5 * P, 0, True),
+                            (END, 0, 0, 0, True)]
+    assert not occupied(dev, scratch, BASE + 2 * P)
+    assert occupied(dev, scratch, BASE + P) and occupied(dev, scratch, BASE + 3 * P)
+
+
+def _bad_transactions(iotlb: DeviceIotlb, a: MemoryRegion, closed: MemoryRegion):
+    top = iotlb.iova_range.last + 1
+    return {
+        "size=0x0 must be positive": lambda tx: tx.map(BASE + 64 * P, a, 0, 0),
+        f"iova={BASE + 64 * P + 1:#x} is not a multiple of the page size": lambda tx: tx.map(BASE + 64 * P + 1, a, 0, P),
+        "offset=2048 is not a page-aligned offset": lambda tx: tx.map(BASE + 64 * P, a, P // 2, P),
+        "size=0x800 is not a multiple": lambda tx: tx.unmap(BASE, P // 2),
+        "outside the device's IOVA range": lambda tx: tx.map(top - P, a, 0, 2 * P),
+        "overlaps Mapping": lambda tx: tx.map(BASE + P, a, 0, P),
+        "perm must be RO, WO or RW": lambda tx: tx.map(BASE + 64 * P, a, 0, P, Perm.NONE),
+        "runs past the end of": lambda tx: tx.map(BASE + 64 * P, a, 60 * P, 8 * P),
+        "is closed": lambda tx: tx.map(BASE + 64 * P, closed, 0, P),
+        "nothing is mapped in": lambda tx: tx.unmap(BASE + 128 * P, P),
+        f"overlaps Mapping([{BASE + 64 * P:#x}": lambda tx: (tx.map(BASE + 64 * P, a, 0, 2 * P),
+                                                       tx.map(BASE + 65 * P, a, 8 * P, P)),
+    }
+
+
+def test_bad_transactions_are_refused_before_any_write_and_change_nothing(net):
+    dev, iotlb, a, b, scratch = net
+    iotlb.map(0, BASE, a, 0, 4 * P)
+    before = iotlb.space(0)
+    closed = MemoryRegion(P, "gone")
+    closed.close()
+    with iotlb.record() as trace:
+        for problem, bad in _bad_transactions(iotlb, a, closed).items():
+            with pytest.raises(InvalidArgument) as refused:
+                with iotlb.transaction(0) as tx:
+                    tx.map(BASE + 200 * P, b, 0, P)  # a good op first: dropped with the bad one
+                    bad(tx)
+            assert problem in str(refused.value)
+            assert "nothing was sent" in str(refused.value)
+        with pytest.raises(InvalidArgument, match=r"asid=2 is not below the device's 2 address spaces"):
+            iotlb.transaction(2)
+        with pytest.raises(RuntimeError, match="the caller's own"):
+            with iotlb.transaction(0) as tx:
+                tx.map(BASE + 200 * P, b, 0, P)
+                raise RuntimeError("the caller's own")  # an exception in the block: nothing sent
+    assert list(trace) == []
+    assert iotlb.space(0) == before
+    assert not occupied(dev, scratch, BASE + 200 * P)
+    iotlb.map(0, BASE + 200 * P, b, 0, P)  # and the engine goes on
+    assert occupied(dev, scratch, BASE + 200 * P) and occupied(dev, scratch, BASE)
+
+
+def test_a_commit_the_kernel_refuses_half_way_is_rolled_back(net):
+    dev, iotlb, a, b, scratch = net
+    iotlb.map(0, BASE + 16 * P, a, 0, 4 * P)                       # A
+    before = iotlb.space(0)
+    # An entry the engine does not know of: the kernel will refuse an UPDATE over it.
+    dev.write_iotlb(IotlbMessage(UPDATE, BASE + 32 * P, P, scratch.address, Perm.RO))
+    with iotlb.record() as trace:
+        with pytest.raises(VhostError) as refused:
+            with iotlb.transaction(0) as tx:
+                tx.unmap(BASE + 16 * P, 4 * P)                         # INVALIDATE A
+                tx.map(BASE, b, 0, 4 * P)                              # UPDATE C: taken
+                tx.map(BASE + 30 * P, b, 8 * P, 4 * P)                 # UPDATE D: over the foreign entry
+    assert refused.value.errno == errno.EFAULT
+    assert "rolled back" in "".join(getattr(refused.value, "__notes__", []))
+    assert kinds(trace) == [
+        (BEGIN, 0, 0, 0, True),
+        (INVALIDATE, BASE + 16 * P, 4 * P, 0, True),
+        (UPDATE, BASE, 4 * P, 0, True),
+        (UPDATE, BASE + 30 * P, 4 * P, 0, False),
+        (INVALIDATE, BASE, 4 * P, 0, True),                            # undo C
+        (UPDATE, BASE + 16 * P, 4 * P, 0, True),                       # A again, as it was sent
+        (END, 0, 0, 0, True),
+    ]
+    assert iotlb.space(0) == before
+    assert occupied(dev, scratch, BASE + 16 * P) and not occupied(dev, scratch, BASE)
+    dev.write_iotlb(IotlbMessage(INVALIDATE, BASE + 32 * P, P))     # the foreign entry goes
+    with iotlb.transaction(0) as tx:                                  # the same change now goes through
+        tx.unmap(BASE + 16 * P, 4 * P)
+        tx.map(BASE, b, 0, 4 * P)
+        tx.map(BASE + 30 * P, b, 8 * P, 4 * P)
+    assert occupied(dev, scratch, BASE + 31 * P) and not occupied(dev, scratch, BASE + 16 * P)
+
+
+def test_reset_with_persistence_sends_nothing_and_the_kernel_keeps_the_map(net):
+    dev, iotlb, a, b, scratch = net
+    iotlb.map(0, BASE, a, 0, 16 * P)
+    iotlb.map(1, BASE, b, 0, 4 * P)
+    before = [iotlb.space(0), iotlb.space(1)]
+    with iotlb.record() as trace:
+        iotlb.reset()
+    assert list(trace) == []
+    assert [iotlb.space(0), iotlb.space(1)] == before
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 15 * P)
+    assert occupied(dev, scratch, BASE, asid=1) and not occupied(dev, scratch, BASE + 4 * P, asid=1)
+
+
+def test_vhost_vdpa_keeps_its_entries_across_a_reset_even_without_persistence(vdpa_net):
+    """Why replay invalidates first: SET_STATUS(0) empties the device's map, not vhost-vdpa's."""
+    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(4 * P, "a") as a, MemoryRegion(P, "scratch") as scratch:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev, persist=False)
+        iotlb.map(0, BASE, a, 0, 4 * P)
+        dev.set_status(0)  # behind the engine: no replay
+        assert occupied(dev, scratch, BASE)
+
+
+def test_reset_without_persistence_replays_every_address_space(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(64 * P, "a") as a, MemoryRegion(P, "scratch") as scratch:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev, persist=False)
+        assert BackendFeature.IOTLB_PERSIST not in iotlb.acked
+        iotlb.map(0, BASE, a, 0, 4 * P)
+        iotlb.map(0, BASE + 4 * P, a, 4 * P, 4 * P)     # two kernel entries, one map entry
+        iotlb.map(0, BASE + 16 * P, a, 32 * P, 4 * P, Perm.RO)
+        iotlb.map(1, BASE, a, 48 * P, 4 * P)
+        maps = [iotlb.space(0).map, iotlb.space(1).map]
+        with iotlb.record() as trace:
+            iotlb.reset()
+        assert kinds(trace) == [
+            (BEGIN, 0, 0, 0, True), (INVALIDATE, BASE, 20 * P, 0, True),
+            (UPDATE, BASE, 8 * P, 0, True), (UPDATE, BASE + 16 * P, 4 * P, 0, True), (END, 0, 0, 0, True),
+            (BEGIN, 0, 0, 1, True), (INVALIDATE, BASE, 4 * P, 1, True),
+            (UPDATE, BASE, 4 * P, 1, True), (END, 0, 0, 1, True),
+        ]
+        assert [iotlb.space(0).map, iotlb.space(1).map] == maps
+        assert all(iotlb.space(asid).in_sync and not iotlb.space(asid).passthrough for asid in (0, 1))
+        assert occupied(dev, scratch, BASE + 7 * P) and occupied(dev, scratch, BASE + 19 * P)
+        assert not occupied(dev, scratch, BASE + 8 * P)
+
+
+def test_cvq_group_in_address_space_1_with_its_own_map(vdpa_net):
+    # Debug logging from the open on: the SET_GROUP_ASID ioctls are seen as events.
+    with debug_logging(), VhostVdpa(vdpa_net.node) as dev, MemoryRegion(8 * P, "a") as a, \
+            MemoryRegion(8 * P, "b") as b, MemoryRegion(P, "scratch") as scratch:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev)
+        cvq_group = dev.get_vring_group(CVQ)
+        assert cvq_group == 1 and dev.get_vring_group(0) == dev.get_vring_group(1) == 0
+        iotlb.set_group_asid(cvq_group, 1)
+        with iotlb.record() as trace:
+            iotlb.map(0, BASE, a, 0, 8 * P)
+            iotlb.map(1, BASE, b, 0, 2 * P, Perm.RO)     # the same IOVA, other memory
+        assert [w.message.asid for w in trace] == [0, 0, 0, 1, 1, 1]
+        assert iotlb.space(0).lookup(BASE).region is a and iotlb.space(1).lookup(BASE).region is b
+        assert occupied(dev, scratch, BASE + 7 * P, asid=0) and not occupied(dev, scratch, BASE + 7 * P, asid=1)
+        assert iotlb.group_asids == {1: 1}
+        with capture_logs() as events:
+            iotlb.reset()  # vdpa_sim points every vq back at AS 0 on reset: the engine says it again
+        assert [(e["group"], e["asid"]) for e in events if e.get("op") == "SET_GROUP_ASID"] == [(1, 1)]
+        assert not [e for e in events if e["event"] == "iotlb.write"]
+        with pytest.raises(InvalidArgument, match="group=2 is out of range"):
+            iotlb.set_group_asid(2, 1)
+
+
+def test_blk_has_one_address_space(vdpa_blk):
+    with VhostVdpa(vdpa_blk.node) as dev, MemoryRegion(4 * P, "a") as a:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev)
+        assert iotlb.as_num == 1
+        with pytest.raises(InvalidArgument, match="asid=1 is not below the device's 1 address spaces"):
+            iotlb.map(1, BASE, a, 0, P)
+        assert iotlb.map(0, BASE, a, 0, 4 * P).update
+
+
+def test_async_variants_commit_in_a_worker_thread(net):
+    dev, iotlb, a, b, scratch = net
+
+    async def main():
+        async with iotlb.atransaction(0) as tx:
+            tx.map(BASE, a, 0, 4 * P)
+        await iotlb.amap(1, BASE, b, 0, P)
+        await iotlb.aunmap(0, BASE, P)
+        await iotlb.areset()
+        return tx.sent
+
+    sent = trio.run(main)
+    assert [u.size for u in sent.update] == [4 * P]
+    assert [(m.iova, m.size) for m in iotlb.space(0).entries] == [(BASE + P, 3 * P)]
+    assert occupied(dev, scratch, BASE + P) and not occupied(dev, scratch, BASE)
+    assert occupied(dev, scratch, BASE, asid=1)
