@@ -1,6 +1,6 @@
 """The device layer: one class per vhost fd kind, typed methods, no policy."""
 
-from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
+from vdpad.device.errors import InvalidArgument, IotlbWriteError, NotSupportedError, VhostError
 from vdpad.device.fd import DirtyLog, VhostFd
 from vdpad.device.flags import BackendFeature, BlkFeature, DeviceStatus, NetFeature, VirtioFeature
 from vdpad.device.iotlb_msg import Access, CodecError, IotlbMessage, MessageType, Version
@@ -10,6 +10,6 @@ from vdpad.device.vring import VringAddr, VringEndian
 
 __all__ = [
     "Access", "BackendFeature", "BlkFeature", "CodecError", "DeviceStatus", "DirtyLog", "GuestRegion",
-    "InvalidArgument", "IotlbMessage", "IovaRange", "MessageType", "NetFeature", "NotSupportedError",
+    "InvalidArgument", "IotlbMessage", "IotlbWriteError", "IovaRange", "MessageType", "NetFeature", "NotSupportedError",
     "Version", "VhostError", "VhostFd", "VhostNet", "VhostVdpa", "VirtioFeature", "VringAddr", "VringEndian",
 ]

@@ -6,13 +6,19 @@ import errno as _errno
 import os
 
 
+# Addresses, sizes and bit masks read best in hex; indexes, fds and counts in decimal.
+_HEX = frozenset({"iova", "size", "uaddr", "desc", "avail", "used", "log", "address", "features", "flags"})
+
+
 def _describe(op: str, device: str, args: dict[str, object]) -> str:
-    shown = ", ".join(f"{k}={_show(v)}" for k, v in args.items())
+    shown = ", ".join(f"{k}={_show(k, v)}" for k, v in args.items())
     return f"{op}({shown}) on {device}" if shown else f"{op} on {device}"
 
 
-def _show(value: object) -> str:
-    return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 9 else repr(value)
+def _show(name: str, value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value) if name in _HEX else str(int(value))
+    return repr(value)
 
 
 class VhostError(OSError):
@@ -20,22 +26,30 @@ class VhostError(OSError):
 
     def __init__(self, errno: int, op: str, device: str, args: dict[str, object] | None = None):
         self.op, self.device, self.args_shown = op, device, dict(args or {})
-        reason = os.strerror(errno)
-        if errno == _errno.EFAULT:
-            # vhost answers every IOTLB-handler error (range, overlap, memlock...) with EFAULT.
-            reason += " (the kernel's answer to any IOTLB error: range, overlap, owner or memlock)"
-        super().__init__(errno, f"{_describe(op, device, self.args_shown)} failed: {reason}")
+        super().__init__(errno, f"{_describe(op, device, self.args_shown)} failed: {os.strerror(errno)}")
 
     def __str__(self) -> str:  # OSError's own adds "[Errno N]" before a message that already explains
         return self.strerror
 
 
-class NotSupportedError(VhostError):
-    """ENOTTY: the running kernel does not know this ioctl."""
+class IotlbWriteError(VhostError):
+    """An IOTLB message the kernel refused."""
 
-    def __init__(self, op: str, device: str, args: dict[str, object] | None = None):
-        super().__init__(_errno.ENOTTY, op, device, args)
-        self.strerror = f"{_describe(op, device, self.args_shown)}: not supported by this kernel"
+    def __init__(self, errno: int, op: str, device: str, args: dict[str, object] | None = None):
+        super().__init__(errno, op, device, args)
+        if errno == _errno.EFAULT:
+            # vhost answers every IOTLB-handler error (range, overlap, memlock...) with EFAULT.
+            self.strerror += " (the kernel's answer to any IOTLB error: overlap, range, owner or memlock)"
+
+
+class NotSupportedError(VhostError):
+    """ENOTTY: the running kernel does not know this ioctl; EOPNOTSUPP: the device lacks the operation."""
+
+    _WHO = {_errno.ENOTTY: "this kernel", _errno.EOPNOTSUPP: "this device"}
+
+    def __init__(self, op: str, device: str, args: dict[str, object] | None = None, errno: int = _errno.ENOTTY):
+        super().__init__(errno, op, device, args)
+        self.strerror = f"{_describe(op, device, self.args_shown)}: not supported by {self._WHO[errno]}"
 
 
 class InvalidArgument(ValueError):
@@ -47,6 +61,6 @@ class InvalidArgument(ValueError):
 
 
 def raise_for(errno: int, op: str, device: str, args: dict[str, object] | None = None) -> None:
-    if errno == _errno.ENOTTY:
-        raise NotSupportedError(op, device, args)
+    if errno in NotSupportedError._WHO:
+        raise NotSupportedError(op, device, args, errno)
     raise VhostError(errno, op, device, args)

@@ -17,10 +17,6 @@ class Features(FdCore):
     def set_owner(self) -> None:
         self._ioctl("SET_OWNER", lib.VHOST_SET_OWNER)
 
-    def reset_owner(self) -> None:
-        """vhost-net only: vhost-vdpa has no such ioctl."""
-        self._ioctl("RESET_OWNER", lib.VHOST_RESET_OWNER)
-
     def get_features(self) -> int:
         return self._get_u64("GET_FEATURES", lib.VHOST_GET_FEATURES)
 

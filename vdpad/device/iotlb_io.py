@@ -6,7 +6,7 @@ import errno
 import os
 import select
 
-from vdpad.device.errors import VhostError
+from vdpad.device.errors import IotlbWriteError, VhostError
 from vdpad.device.features import Features
 from vdpad.device.flags import BackendFeature
 from vdpad.device.iotlb_msg import CodecError, IotlbMessage, MessageType, Version
@@ -46,7 +46,7 @@ class IotlbWriter(Features):
             os.write(self.fileno(), data)
         except OSError as error:
             self._log.debug("iotlb.write", **fields, errno=errno.errorcode.get(error.errno))
-            raise VhostError(error.errno, op, self.path, {k: v for k, v in fields.items() if k != "type"}) from None
+            raise IotlbWriteError(error.errno, op, self.path, {k: v for k, v in fields.items() if k != "type"}) from None
         self._log.debug("iotlb.write", **fields)
 
 

@@ -34,8 +34,16 @@ class VhostNet(VhostFd, IotlbReader):
     def _vq_limit(self) -> int:
         return VHOST_NET_VQS
 
+    def reset_owner(self) -> None:
+        """Give up ownership: stop the rings and drop the memory table (vhost-vdpa has no such ioctl)."""
+        self._ioctl("RESET_OWNER", lib.VHOST_RESET_OWNER)
+
     def set_mem_table(self, regions: Sequence[GuestRegion]) -> None:
-        """Guest-physical to userspace translation, used while ACCESS_PLATFORM is not acked."""
+        """Guest-physical to userspace translation, used while ACCESS_PLATFORM is not acked.
+
+        vhost checks rings against a table even when a device IOTLB translates:
+        set one (it may be empty) before attaching a backend.
+        """
         op = "SET_MEM_TABLE"
         ordered = sorted(regions, key=lambda r: r.guest_phys_addr)
         for region in ordered:
