@@ -110,6 +110,16 @@ def apply(kernel: KernelModel, work, asid: int = 0):
         kernel.write(message)
 
 
+def commits(kernel: KernelModel, sequence):
+    """Commit each map in turn: (units before, map, plan) once the kernel took the plan."""
+    units: tuple[Mapping, ...] = ()
+    for target in sequence:
+        work = plan(units, target)
+        apply(kernel, work)
+        yield units, target, work
+        units = work.units
+
+
 def assert_minimal(units, target: AddressMap, work) -> None:
     """Nothing that still translates as wanted is touched, and no two messages could be one."""
     kept = set(units) & set(work.units)
@@ -142,15 +152,11 @@ def assert_minimal(units, target: AddressMap, work) -> None:
 @given(st.lists(maps(), min_size=1, max_size=6), st.booleans(), st.randoms(use_true_random=False))
 def test_any_sequence_of_maps_reaches_each_map_minimally(sequence, pa_mode, rnd):
     kernel = KernelModel(rnd if pa_mode else None)
-    units: tuple[Mapping, ...] = ()
-    for target in sequence:
-        work = plan(units, target)
+    for units, target, work in commits(kernel, sequence):
         assert_minimal(units, target, work)
-        apply(kernel, work)
         assert kernel.translation() == translation(target)
         assert_kernel_holds(kernel, work.units)
-        units = work.units
-        assert not plan(units, target), "a map reached is reached: nothing more to send"
+        assert not plan(work.units, target), "a map reached is reached: nothing more to send"
 
 
 @settings(max_examples=200, deadline=None)
@@ -232,11 +238,8 @@ def test_a_refusal_anywhere_is_undone_to_the_entries_before(first, second, refus
 @given(st.lists(maps(), min_size=1, max_size=4), st.booleans(), st.randoms(use_true_random=False))
 def test_replay_after_a_clean_reset_frees_the_old_entries_then_sends_the_map(history, pa_mode, rnd):
     kernel = KernelModel(rnd if pa_mode else None)
-    units: tuple[Mapping, ...] = ()
-    for target in history:
-        work = plan(units, target)
-        apply(kernel, work)
-        units = work.units
+    *_, (_, _, work) = commits(kernel, history)
+    units = work.units
     # SET_STATUS(0) without PERSIST: the device's map is gone, vhost-vdpa's entries are not.
     again = replay(units, history[-1])
     assert len(again.invalidate) <= 1

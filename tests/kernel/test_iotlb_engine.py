@@ -257,6 +257,20 @@ def test_reset_without_persistence_replays_every_address_space(vdpa_net):
         assert not occupied(dev, scratch, BASE + 8 * P)
 
 
+def test_replay_leaves_an_emptied_space_empty_not_passthrough(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(4 * P, "a") as a:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev, persist=False)
+        iotlb.map(1, BASE, a, 0, 4 * P)
+        iotlb.unmap(1, BASE, 4 * P)
+        with iotlb.record() as trace:
+            iotlb.reset()
+        # AS 0 never changed: the reset gave it its passthrough back, nothing to send.
+        # AS 1 was emptied: an empty batch hands the device its empty map again.
+        assert kinds(trace) == [(BEGIN, 0, 0, 1, True), (END, 0, 0, 1, True)]
+        assert iotlb.space(0).passthrough and not iotlb.space(1).passthrough
+
+
 def test_cvq_group_in_address_space_1_with_its_own_map(vdpa_net):
     # Debug logging from the open on: the SET_GROUP_ASID ioctls are seen as events.
     with debug_logging(), VhostVdpa(vdpa_net.node) as dev, MemoryRegion(8 * P, "a") as a, \

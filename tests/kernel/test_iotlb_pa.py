@@ -115,3 +115,21 @@ def test_pa_reset_keeps_or_replays_the_pins(pa_net, persist):
     assert [iotlb.space(0).map, iotlb.space(1).map] == maps
     assert pinned() - base == 4 * MIB
     assert occupied(dev, scratch, BASE + 3 * MIB - P) and occupied(dev, scratch, BASE + MIB - P, asid=1)
+
+
+def test_pa_a_refused_replay_is_finished_by_an_empty_transaction(pa_net):
+    make, data, scratch = pa_net
+    base = pinned()
+    dev, iotlb = make(persist=False)
+    iotlb.map(0, BASE, data, 0, 2 * MIB)
+    with memlock(base + MIB):  # the replay unpins 2 MiB, then may pin only 1 MiB again
+        with pytest.raises(VhostError) as refused:
+            iotlb.reset()
+    assert "only partly replayed" in "".join(refused.value.__notes__)
+    view = iotlb.space(0)
+    assert not view.in_sync and view.units == () and pinned() == base
+    assert [(m.iova, m.size) for m in view.entries] == [(BASE, 2 * MIB)]  # still what the user asked for
+    with iotlb.record() as trace, iotlb.transaction(0):
+        pass
+    assert [(m.type, m.size) for m in trace.messages()] == [(BEGIN, 0), (UPDATE, 2 * MIB), (END, 0)]
+    assert iotlb.space(0).in_sync and pinned() - base == 2 * MIB

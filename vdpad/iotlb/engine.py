@@ -255,7 +255,11 @@ class DeviceIotlb:
     async def atransaction(self, asid: int = 0) -> AsyncIterator[Transaction]:
         """`async with iotlb.atransaction(asid) as tx:` commits in a worker thread."""
         tx = Transaction(self, asid)
-        yield tx
+        try:
+            yield tx
+        except BaseException:
+            tx.abort()
+            raise
         await trio.to_thread.run_sync(tx.commit)
 
     async def amap(self, asid: int, iova: int, region: Memory, offset: int, size: int,
