@@ -28,6 +28,8 @@ IOCTLS = {
     "VHOST_SET_VRING_KICK": _ioc(WRITE, 0x20, 8),
     "VHOST_SET_VRING_CALL": _ioc(WRITE, 0x21, 8),
     "VHOST_SET_VRING_ERR": _ioc(WRITE, 0x22, 8),
+    "VHOST_SET_VRING_BUSYLOOP_TIMEOUT": _ioc(WRITE, 0x23, 8),
+    "VHOST_GET_VRING_BUSYLOOP_TIMEOUT": _ioc(WRITE, 0x24, 8),  # _IOW in the uapi, though it reads back
     "VHOST_SET_BACKEND_FEATURES": _ioc(WRITE, 0x25, 8),
     "VHOST_GET_BACKEND_FEATURES": _ioc(READ, 0x26, 8),
     "VHOST_NET_SET_BACKEND": _ioc(WRITE, 0x30, 8),
@@ -94,6 +96,16 @@ def test_struct_size(struct, size):
     ("struct vhost_vring_addr", "log_guest_addr", 32),
     ("struct vhost_memory", "regions", 8),
     ("struct vhost_vdpa_config", "buf", 8),
+    ("struct vhost_vdpa_config", "len", 4),
+    ("struct vhost_vring_state", "num", 4),
+    ("struct vhost_vring_file", "fd", 4),
+    ("struct vhost_vring_addr", "flags", 4),
+    ("struct vhost_vring_addr", "used_user_addr", 16),
+    ("struct vhost_vring_addr", "avail_user_addr", 24),
+    ("struct vhost_memory_region", "memory_size", 8),
+    ("struct vhost_memory_region", "userspace_addr", 16),
+    ("struct vhost_memory_region", "flags_padding", 24),
+    ("struct vhost_vdpa_iova_range", "last", 8),
 ])
 def test_field_offset(struct, field, offset):
     assert ffi.offsetof(struct, field) == offset
@@ -110,3 +122,12 @@ def test_constants():
             lib.VHOST_BACKEND_F_IOTLB_ASID, lib.VHOST_BACKEND_F_SUSPEND,
             lib.VHOST_BACKEND_F_RESUME, lib.VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK,
             lib.VHOST_BACKEND_F_DESC_ASID, lib.VHOST_BACKEND_F_IOTLB_PERSIST] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_vhost_core_constants():
+    assert lib.VHOST_VIRTIO == 0xAF
+    assert lib.VHOST_FILE_UNBIND == -1
+    assert lib.VHOST_PAGE_SIZE == 0x1000
+    assert (lib.VHOST_VRING_LITTLE_ENDIAN, lib.VHOST_VRING_BIG_ENDIAN) == (0, 1)
+    assert lib.VHOST_VRING_F_LOG == 0
+    assert (lib.VHOST_F_LOG_ALL, lib.VHOST_NET_F_VIRTIO_NET_HDR) == (26, 27)

@@ -75,6 +75,7 @@ def test_identity(vhost_net_node):
         assert refused.value.errno == errno.EBUSY and "SET_OWNER on /dev/vhost-net" in str(refused.value)
         net.reset_owner()
         net.set_owner()  # ...until it lets go
+    assert net.closed
 
 
 def test_memory_table_vrings_and_tap_backend(vhost_net_node, memory, tap, eventfds):

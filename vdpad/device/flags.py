@@ -64,6 +64,7 @@ class NetFeature(enum.IntFlag):
     CTRL_GUEST_OFFLOADS = _bit(2)
     MTU = _bit(3)
     MAC = _bit(5)
+    GSO = _bit(6)  # legacy
     GUEST_TSO4 = _bit(7)
     GUEST_TSO6 = _bit(8)
     GUEST_ECN = _bit(9)
@@ -81,8 +82,15 @@ class NetFeature(enum.IntFlag):
     GUEST_ANNOUNCE = _bit(21)
     MQ = _bit(22)
     CTRL_MAC_ADDR = _bit(23)
-    VHOST_NET_HDR = _bit(lib.VHOST_NET_F_VIRTIO_NET_HDR)  # vhost-net only
+    VHOST_NET_HDR = _bit(lib.VHOST_NET_F_VIRTIO_NET_HDR)  # vhost-net only (virtio's ANY_LAYOUT bit)
+    DEVICE_STATS = _bit(50)
+    VQ_NOTF_COAL = _bit(52)
+    NOTF_COAL = _bit(53)
+    GUEST_USO4 = _bit(54)
+    GUEST_USO6 = _bit(55)
+    HOST_USO = _bit(56)
     HASH_REPORT = _bit(57)
+    GUEST_HDRLEN = _bit(59)
     RSS = _bit(60)
     RSC_EXT = _bit(61)
     STANDBY = _bit(62)
@@ -103,6 +111,7 @@ class BlkFeature(enum.IntFlag):
     MQ = _bit(12)
     DISCARD = _bit(13)
     WRITE_ZEROES = _bit(14)
+    LIFETIME = _bit(15)
     SECURE_ERASE = _bit(16)
     ZONED = _bit(17)
 

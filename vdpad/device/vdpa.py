@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from vdpad._uapi import ffi, lib
 from vdpad.device.fd import VhostFd
-from vdpad.device.flags import DeviceStatus
+from vdpad.device.flags import DeviceStatus, describe
 from vdpad.device.iotlb_msg import IotlbMessage, MessageType
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,14 @@ class VhostVdpa(VhostFd):
 
     def __init__(self, path: str | os.PathLike[str]):
         super().__init__(path)
-        self._shape: dict[str, object] = {}
+        self._shape: dict[str, Any] = {}
 
-    def _known(self, name: str, ask: Callable[[], object]):
+    def _known(self, name: str, ask: Callable[[], T]) -> T:
         if name not in self._shape:
             self._shape[name] = ask()
         return self._shape[name]
 
-    def _remember(self, name: str, value):
+    def _remember(self, name: str, value: T) -> T:
         self._shape[name] = value
         return value
 
@@ -90,7 +93,7 @@ class VhostVdpa(VhostFd):
         if not 0 <= int(status) <= 0xFF:
             self._refuse("SET_STATUS", f"status={int(status)!r} does not fit in 8 bits")
         self._ioctl("SET_STATUS", lib.VHOST_VDPA_SET_STATUS, ffi.new("uint8_t *", int(status)),
-                    status=str(DeviceStatus(int(status))))
+                    status="|".join(describe(int(status), DeviceStatus)) or "RESET")
 
     def suspend(self) -> None:
         """Stop the rings, keeping their state (needs SUSPEND offered)."""

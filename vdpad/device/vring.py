@@ -51,6 +51,7 @@ class Vrings(FdCore):
     def set_vring_base(self, index: int, base: int) -> None:
         """The next available index the device reads (split rings: a u16)."""
         self._check_vq("SET_VRING_BASE", index)
+        self._check_u32("SET_VRING_BASE", base=base)
         self._vring_state("SET_VRING_BASE", lib.VHOST_SET_VRING_BASE, index, base, base=base)
 
     def get_vring_base(self, index: int) -> int:
@@ -104,6 +105,7 @@ class Vrings(FdCore):
         """How long the device polls the ring before sleeping (vhost-net)."""
         op = "SET_VRING_BUSYLOOP_TIMEOUT"
         self._check_vq(op, index)
+        self._check_u32(op, microseconds=microseconds)
         self._vring_state(op, lib.VHOST_SET_VRING_BUSYLOOP_TIMEOUT, index, microseconds, timeout=microseconds)
 
     def get_vring_busyloop_timeout(self, index: int) -> int:
