@@ -10,7 +10,7 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-prepare demo clean
+.PHONY: all install test host-test vm-test vm-prepare demo bench clean
 
 all: install
 
@@ -44,6 +44,16 @@ test: vm-prepare host-test vm-test
 
 demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad sh tests/vm/guest/demo.sh
+
+# Restart time with and without IOTLB_PERSIST (tests/bench/restart.py) in the
+# VM, then its plot on the host: docs/bench/restart.json and restart.png.
+BENCH_MEMORY ?= 4G
+BENCH_ARGS ?=
+bench: vm-prepare
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+	$(HARNESS) run --memory $(BENCH_MEMORY) --collect $(CURDIR)/docs/bench -- \
+	  $(PY) -m tests.bench.restart $(BENCH_ARGS)
+	$(PY) -m tests.bench.plot docs/bench/restart.json docs/bench/restart.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info vdpad/_uapi.*
