@@ -12,7 +12,7 @@ import errno
 import pytest
 import structlog
 
-from vdpad import log as vdpad_log
+from tests.bench.rig import debug_logging
 from vdpad.device import (
     Access, BackendFeature, CodecError, GuestRegion, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NotSupportedError, Version, VhostError, VhostFd, VhostNet, VhostVdpa, VringAddr,
@@ -24,12 +24,8 @@ NULL = "/dev/null"
 
 @pytest.fixture
 def events():
-    vdpad_log.configure("debug")
-    try:
-        with structlog.testing.capture_logs() as captured:
-            yield captured
-    finally:
-        vdpad_log.configure()
+    with debug_logging(), structlog.testing.capture_logs() as captured:
+        yield captured
 
 
 # -- messages ----------------------------------------------------------------------------

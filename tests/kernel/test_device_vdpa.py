@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from vdpad import log as vdpad_log
+from tests.bench.rig import debug_logging
 from vdpad.device import (
     Access, BackendFeature, BlkFeature, DeviceStatus, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NetFeature, NotSupportedError, VhostError, VhostVdpa, VirtioFeature, VringAddr, VringEndian,
@@ -55,12 +55,8 @@ def ioctl_ops(logs: list[dict]) -> list[str]:
 @pytest.fixture
 def kernel_events():
     """Every ioctl and IOTLB message as a structlog event (loggers bind their level: open devices after)."""
-    vdpad_log.configure("debug")
-    try:
-        with structlog.testing.capture_logs() as events:
-            yield events
-    finally:
-        vdpad_log.configure()
+    with debug_logging(), structlog.testing.capture_logs() as captured:
+        yield captured
 
 
 @pytest.fixture(params=sorted(SHAPES))

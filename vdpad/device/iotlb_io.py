@@ -39,15 +39,16 @@ class IotlbWriter(Features):
         if message.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END) and BackendFeature.IOTLB_BATCH not in acked:
             self._refuse(op, f"{message.type.name} needs IOTLB_BATCH acked first")
         self._check_iotlb(op, message)
-        data = message.encode(self.iotlb_version)
+        version = self.iotlb_version
+        data = message.encode(version)
         fields = _fields(message)
         try:
             # SAFETY: one whole message per write(); the kernel copies it.
             os.write(self.fileno(), data)
         except OSError as error:
-            self._log.debug("iotlb.write", **fields, errno=errno.errorcode.get(error.errno))
+            self._log.debug("iotlb.write", version=version.name, **fields, errno=errno.errorcode.get(error.errno))
             raise IotlbWriteError(error.errno, op, self.path, {k: v for k, v in fields.items() if k != "type"}) from None
-        self._log.debug("iotlb.write", **fields)
+        self._log.debug("iotlb.write", version=version.name, **fields)
 
 
 class IotlbReader(Features):
@@ -74,5 +75,5 @@ class IotlbReader(Features):
         except CodecError:
             self._log.debug("iotlb.read", raw=data.hex())
             raise
-        self._log.debug("iotlb.read", **_fields(message))
+        self._log.debug("iotlb.read", version=Version(int.from_bytes(data[:4], "little")).name, **_fields(message))
         return message
