@@ -8,12 +8,14 @@ import os
 import platform
 import struct
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import structlog
 
-from tests.bench.rig import debug_logging
+from tests.bench.rig import VDPA_DEVICES, debug_logging, vdpa_device
 from vdpad.device import (
     Access, BackendFeature, BlkFeature, DeviceStatus, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NetFeature, NotSupportedError, VhostError, VhostVdpa, VirtioFeature, VringAddr, VringEndian,
@@ -70,7 +72,7 @@ def memory():
         yield region
 
 
-def start(fd: VhostVdpa, memory: MemoryRegion, acked: BackendFeature) -> None:
+def start(fd: VhostVdpa, memory: MemoryRegion, acked: BackendFeature, ring_num: int = RING) -> None:
     """Bring an owned device to DRIVER_OK with every ring set up in mapped memory (no traffic)."""
     fd.set_backend_features(acked)
     fd.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
@@ -78,7 +80,7 @@ def start(fd: VhostVdpa, memory: MemoryRegion, acked: BackendFeature) -> None:
     fd.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK)
     fd.write_iotlb(IotlbMessage(MessageType.UPDATE, IOVA, memory.size, memory.address, Access.RW))
     for index in range(fd.get_vqs_count()):
-        fd.set_vring_num(index, RING)
+        fd.set_vring_num(index, ring_num)
         fd.set_vring_addr(index, ring(index))
         fd.set_vring_base(index, 3 + index)
         fd.set_vring_enable(index, True)
@@ -276,13 +278,43 @@ def test_vring_sizes_and_descriptor_groups(sim):
         fd.set_owner()
         fd.set_backend_features(fd.get_backend_features())
         for index in range(shape["vqs"]):
-            # vdpa_sim on 6.12 has no per-queue size (get_vq_size) and no
-            # descriptor groups (get_vq_desc_group): the kernel says so.
+            # vdpa_sim on 6.12 has no descriptor groups (get_vq_desc_group), and
+            # answers the ring size only without batch mapping (its default is on).
             with pytest.raises(NotSupportedError, match=rf"GET_VRING_SIZE\(index={index}\) .*not supported by this device"):
                 fd.get_vring_size(index)
             with pytest.raises(NotSupportedError) as refused:
                 fd.get_vring_desc_group(index)
             assert refused.value.errno == errno.EOPNOTSUPP
+
+
+def reload_sim(*parameters: str) -> None:
+    """vdpa_sim and its devices again, with these module parameters (no sim device may exist)."""
+    if any(VDPA_DEVICES.iterdir()):
+        raise RuntimeError(f"cannot reload vdpa_sim: devices exist ({sorted(p.name for p in VDPA_DEVICES.iterdir())})")
+    for argv in (["-r", "vdpa_sim_net", "vdpa_sim_blk", "vdpa_sim"], ["vdpa_sim", *parameters],
+                 ["-a", "vdpa_sim_net", "vdpa_sim_blk"]):
+        subprocess.run(["modprobe", *argv], check=True, capture_output=True)
+
+
+@contextmanager
+def unbatched_sim() -> Iterator[None]:
+    reload_sim("batch_mapping=0")
+    try:
+        yield
+    finally:
+        reload_sim()
+
+
+@pytest.mark.parametrize("mgmtdev", sorted(SHAPES))
+def test_vring_size_without_batch_mapping(sim_modules, mgmtdev, memory):
+    with unbatched_sim(), vdpa_device(f"size{os.getpid() % 1000}", mgmtdev) as node, VhostVdpa(node) as fd:
+        fd.set_owner()
+        vqs = fd.get_vqs_count()
+        # Before DRIVER_OK each queue offers the device's largest ring; after, the size in use.
+        assert [fd.get_vring_size(i) for i in range(vqs)] == [fd.get_vring_num()] * vqs
+        start(fd, memory, BackendFeature.IOTLB_MSG_V2, ring_num=64)
+        assert [fd.get_vring_size(i) for i in range(vqs)] == [64] * vqs
+        fd.set_status(0)
 
 
 def test_vring_endian_and_busyloop(sim):
