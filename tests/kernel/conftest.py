@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import subprocess
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from vdpad.mgmt import Busy, Driver, NotFound, VdpaNetlink, attach, detach
+
 pytestmark = pytest.mark.kernel
 
 SIM_MODULES = ("vhost_vdpa", "vhost_net", "vdpa_sim_net", "vdpa_sim_blk")
-VDPA_BUS = Path("/sys/bus/vdpa")
 _names = itertools.count()
 
 
@@ -47,41 +49,30 @@ def _wait_for(path: Path, what: str, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def _bind_vhost_vdpa(name: str) -> Path:
-    device = VDPA_BUS / "devices" / name
-    driver = device / "driver"
-    if driver.exists() and driver.resolve().name != "vhost_vdpa":
-        (driver / "unbind").write_text(name)
-    if not driver.exists():
-        (device / "driver_override").write_text("vhost_vdpa")
-        (VDPA_BUS / "drivers" / "vhost_vdpa" / "bind").write_text(name)
-    nodes = []
-    deadline = time.monotonic() + 5
-    while not nodes and time.monotonic() < deadline:
-        nodes = sorted(device.glob("vhost-vdpa-*"))
-        if not nodes:
-            time.sleep(0.02)
-    if not nodes:
-        raise TimeoutError(f"{name} has no vhost-vdpa-N child after binding")
-    node = Path("/dev") / nodes[0].name
-    _wait_for(node, f"device node of {name}")  # no udev in the VM: devtmpfs only
-    return node
+def _detach(nl: VdpaNetlink, name: str) -> None:
+    try:
+        detach(nl, name)
+    except NotFound:
+        pass  # the test removed it itself
+    except Busy:
+        gc.collect()  # a failed test's traceback may still hold an open VhostVdpa
+        detach(nl, name)
 
 
 @pytest.fixture
 def sim_device(sim_modules):
-    """A factory: sim_device("vdpasim_net") -> a fresh device, deleted after the test."""
+    """A factory: sim_device("vdpasim_net") -> a fresh device bound to vhost_vdpa, deleted after the test."""
     made: list[str] = []
+    with VdpaNetlink() as nl:
+        def make(mgmtdev: str) -> SimDevice:
+            name = f"t{os.getpid() % 1000}x{next(_names)}"
+            attached = attach(nl, name, mgmtdev, driver=Driver.VHOST_VDPA)
+            made.append(name)
+            return SimDevice(name, mgmtdev, attached.binding.node)
 
-    def make(mgmtdev: str) -> SimDevice:
-        name = f"t{os.getpid() % 1000}x{next(_names)}"
-        _run("vdpa", "dev", "add", "name", name, "mgmtdev", mgmtdev)
-        made.append(name)
-        return SimDevice(name, mgmtdev, _bind_vhost_vdpa(name))
-
-    yield make
-    for name in made:
-        _run("vdpa", "dev", "del", name)
+        yield make
+        for name in made:
+            _detach(nl, name)
 
 
 @pytest.fixture

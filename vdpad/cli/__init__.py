@@ -7,14 +7,20 @@ import sys
 
 import click
 
+from vdpad.cli import manage
+from vdpad.cli.output import EXIT_CODES_HELP
 from vdpad.device import BackendFeature, VhostError, VhostVdpa, flags
 
 DEVICE_KINDS = {1: "net", 2: "blk"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 def main() -> None:
     """Control Linux vhost-vdpa devices."""
+
+
+for _command in (manage.mgmtdev, manage.dev, manage.attach, manage.detach):
+    main.add_command(_command)
 
 
 @main.command()
