@@ -20,6 +20,8 @@ def _fields(message: IotlbMessage) -> dict[str, object]:
 
 
 class IotlbWriter(Features):
+    """Every vhost device takes IOTLB messages by write(), one message per call."""
+
     @property
     def iotlb_version(self) -> Version:
         return Version.V2 if BackendFeature.IOTLB_MSG_V2 in self.acked_backend_features else Version.V1
