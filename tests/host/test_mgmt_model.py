@@ -36,7 +36,7 @@ UAPI = {
     "DEV_BLK_READ_ONLY": (35, "B"), "DEV_BLK_FLUSH": (36, "B"),
 }
 BY_NUMBER = {number: name for name, (number, _) in UAPI.items()}
-BLK_FIELDS = {  # BlkConfig field -> attribute
+BLK_FIELDS = {  # BlkConfig field -> attribute; apart from vdpad's own map on purpose: it is what is checked
     "capacity": "DEV_BLK_CFG_CAPACITY", "size_max": "DEV_BLK_CFG_SIZE_MAX", "blk_size": "DEV_BLK_CFG_BLK_SIZE",
     "seg_max": "DEV_BLK_CFG_SEG_MAX", "num_queues": "DEV_BLK_CFG_NUM_QUEUES",
     "physical_block_exp": "DEV_BLK_CFG_PHY_BLK_EXP", "alignment_offset": "DEV_BLK_CFG_ALIGN_OFFSET",

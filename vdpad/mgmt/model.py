@@ -111,6 +111,18 @@ class BlkConfig:
     flush: bool
 
 
+# BlkConfig fields sent only when the device offers their feature -> their attributes
+BLK_OPTIONAL = {
+    "size_max": "DEV_BLK_CFG_SIZE_MAX", "blk_size": "DEV_BLK_CFG_BLK_SIZE", "seg_max": "DEV_BLK_CFG_SEG_MAX",
+    "num_queues": "DEV_BLK_CFG_NUM_QUEUES", "physical_block_exp": "DEV_BLK_CFG_PHY_BLK_EXP",
+    "alignment_offset": "DEV_BLK_CFG_ALIGN_OFFSET", "min_io_size": "DEV_BLK_CFG_MIN_IO_SIZE",
+    "opt_io_size": "DEV_BLK_CFG_OPT_IO_SIZE", "max_discard_sectors": "DEV_BLK_CFG_MAX_DISCARD_SEC",
+    "max_discard_seg": "DEV_BLK_CFG_MAX_DISCARD_SEG", "discard_sector_alignment": "DEV_BLK_CFG_DISCARD_SEC_ALIGN",
+    "max_write_zeroes_sectors": "DEV_BLK_CFG_MAX_WRITE_ZEROES_SEC",
+    "max_write_zeroes_seg": "DEV_BLK_CFG_MAX_WRITE_ZEROES_SEG",
+}
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """DEV_CONFIG_GET: the device's features and its class's config space."""
@@ -201,21 +213,9 @@ def decode_config(msg: Attrs) -> DeviceConfig:
     elif device_id == BLOCK:
         blk = BlkConfig(
             capacity=_required(msg, "DEV_BLK_CFG_CAPACITY", "DEV_CONFIG_GET"),
-            size_max=_a(msg, "DEV_BLK_CFG_SIZE_MAX"),
-            blk_size=_a(msg, "DEV_BLK_CFG_BLK_SIZE"),
-            seg_max=_a(msg, "DEV_BLK_CFG_SEG_MAX"),
-            num_queues=_a(msg, "DEV_BLK_CFG_NUM_QUEUES"),
-            physical_block_exp=_a(msg, "DEV_BLK_CFG_PHY_BLK_EXP"),
-            alignment_offset=_a(msg, "DEV_BLK_CFG_ALIGN_OFFSET"),
-            min_io_size=_a(msg, "DEV_BLK_CFG_MIN_IO_SIZE"),
-            opt_io_size=_a(msg, "DEV_BLK_CFG_OPT_IO_SIZE"),
-            max_discard_sectors=_a(msg, "DEV_BLK_CFG_MAX_DISCARD_SEC"),
-            max_discard_seg=_a(msg, "DEV_BLK_CFG_MAX_DISCARD_SEG"),
-            discard_sector_alignment=_a(msg, "DEV_BLK_CFG_DISCARD_SEC_ALIGN"),
-            max_write_zeroes_sectors=_a(msg, "DEV_BLK_CFG_MAX_WRITE_ZEROES_SEC"),
-            max_write_zeroes_seg=_a(msg, "DEV_BLK_CFG_MAX_WRITE_ZEROES_SEG"),
             read_only=bool(_a(msg, "DEV_BLK_READ_ONLY")),
             flush=bool(_a(msg, "DEV_BLK_FLUSH")),
+            **{field: _a(msg, attr) for field, attr in BLK_OPTIONAL.items()},
         )
     return DeviceConfig(
         name=_required(msg, "DEV_NAME", "DEV_CONFIG_GET"),
