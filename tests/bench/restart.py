@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.restart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=os.environ.get("VDPAD_VM_OUT"))
-    parser.add_argument("--repetitions", type=int, default=21)
+    parser.add_argument("--repetitions", type=int, default=31)
     parser.add_argument("--sizes-mib", default="64,256,1024")
     parser.add_argument("--modes", default="va,pa")
     args = parser.parse_args(argv)
