@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 from vdpad.device import BlkFeature, VhostVdpa
-from vdpad.virtio.dma import DmaArena
+from vdpad.virtio.dma import DmaArena, DmaBuffer
 from vdpad.virtio.driver import DriverError, QueueSpec, VirtioDriver
 from vdpad.virtio.ring import Buffer
 
@@ -35,6 +35,9 @@ class BlkDriver(VirtioDriver):
         self.capacity = 0  # in sectors
         self._segment = DEFAULT_SEGMENT
         self._max_segments = 1
+        self._header: DmaBuffer | None = None  # the request's header, status byte and data: from start()
+        self._status: DmaBuffer | None = None
+        self._staging: DmaBuffer | None = None
 
     def start(self) -> None:
         self._start(BlkFeature.SIZE_MAX | BlkFeature.SEG_MAX, [QueueSpec(0, self.queue_size, self.arena)])
@@ -42,8 +45,10 @@ class BlkDriver(VirtioDriver):
         self.capacity = capacity
         # Without SIZE_MAX/SEG_MAX the device states no limit; keep requests modest anyway.
         self._segment = min(size_max, DEFAULT_SEGMENT) if self.features & BlkFeature.SIZE_MAX else DEFAULT_SEGMENT
-        self._segment -= self._segment % SECTOR
+        self._segment = max(self._segment - self._segment % SECTOR, SECTOR)
         self._max_segments = max(seg_max, 1) if self.features & BlkFeature.SEG_MAX else 1
+
+    def _prepare_buffers(self) -> None:
         self._header = self.arena.alloc(REQ_HDR.size, 16)
         self._status = self.arena.alloc(1, 1)
         self._staging = self.arena.alloc(self.max_request, 4096)
@@ -79,6 +84,8 @@ class BlkDriver(VirtioDriver):
         return bytes(out)
 
     def _request(self, kind: int, sector: int, length: int, timeout: float) -> None:
+        if self._header is None or self._status is None or self._staging is None:
+            raise DriverError("start() the driver before any request")
         REQ_HDR.pack_into(self._header.view, 0, kind, 0, sector)
         self._status.view[0] = 0xFF
         writable = kind == T_IN

@@ -124,7 +124,7 @@ class VirtioDriver:
             arena.reset()
         for spec in specs:
             self.queues[spec.index] = self._setup_queue(spec)
-        self._post_initial_buffers()
+        self._prepare_buffers()
         # Rings are enabled before DRIVER_OK: valid with or without ENABLE_AFTER_DRIVER_OK.
         for index in self.queues:
             self.dev.set_vring_enable(index, True)
@@ -154,8 +154,8 @@ class VirtioDriver:
         self._eventfds[index] = pair
         return pair
 
-    def _post_initial_buffers(self) -> None:
-        """Device types that receive (net RX) queue their buffers here, before DRIVER_OK."""
+    def _prepare_buffers(self) -> None:
+        """Each device type takes its buffers from the fresh arenas here; receive buffers are queued before DRIVER_OK."""
 
     # -- life cycle -------------------------------------------------------
     def close(self) -> None:

@@ -36,18 +36,21 @@ class NetDriver(VirtioDriver):
         self.data, self.ctrl, self.queue_size = data, ctrl, queue_size
         self._tx_free: list[DmaBuffer] = []
         self._rx_backlog: list[bytes] = []
+        self._ctrl_request: DmaBuffer | None = None
+        self._ctrl_ack: DmaBuffer | None = None
 
     def start(self) -> None:
         """Negotiate, set up the queues, post every RX buffer, DRIVER_OK."""
-        wanted = NetFeature.MAC | (NetFeature.CTRL_VQ | NetFeature.CTRL_MAC_ADDR if self.ctrl else 0)
+        wanted = NetFeature.MAC
         specs = [QueueSpec(RX, self.queue_size, self.data), QueueSpec(TX, self.queue_size, self.data)]
         if self.ctrl is not None:
+            if not self.dev.get_features() & NetFeature.CTRL_VQ:
+                raise DriverError(f"{self.dev.path} does not offer a control queue")
+            wanted |= NetFeature.CTRL_VQ | NetFeature.CTRL_MAC_ADDR
             specs.append(QueueSpec(CTRL, self.queue_size, self.ctrl))
         self._start(wanted, specs)
-        if self.ctrl is not None and not self.features & NetFeature.CTRL_VQ:
-            raise DriverError(f"{self.dev.path} does not offer a control queue")
 
-    def _post_initial_buffers(self) -> None:
+    def _prepare_buffers(self) -> None:
         rx = self.queues[RX].ring
         while rx.free:
             buffer = self.data.alloc(RX_BUFFER)
@@ -105,10 +108,10 @@ class NetDriver(VirtioDriver):
     # -- control queue --------------------------------------------------------
     def command(self, cls: int, cmd: int, payload: bytes, timeout: float = 5.0) -> int:
         """One control command (virtio 5.1.6.5); returns the device's ack byte (0 = OK)."""
-        if self.ctrl is None or CTRL not in self.queues:
-            raise DriverError("no control queue: give NetDriver a ctrl arena")
-        cvq = self.queues[CTRL]
         request, ack = self._ctrl_request, self._ctrl_ack
+        if CTRL not in self.queues or request is None or ack is None:
+            raise DriverError("no control queue: give NetDriver a ctrl arena, then start()")
+        cvq = self.queues[CTRL]
         if CTRL_HDR.size + len(payload) > len(request):
             raise ValueError(f"control payload of {len(payload)} bytes exceeds {len(request) - CTRL_HDR.size}")
         CTRL_HDR.pack_into(request.view, 0, cls, cmd)
