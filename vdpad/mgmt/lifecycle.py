@@ -85,7 +85,7 @@ def _undo(nl: VdpaNetlink, name: str, error: BaseException) -> None:
     log.debug("attach failed: deleting the device again", device=name, error=str(error))
     try:
         nl.delete_device(name)  # unregistering unbinds it too
-    except Exception as undo_error:  # noqa: BLE001 - reported with the error that made us undo
+    except Exception as undo_error:  # reported with the error that made us undo
         error.add_note(f"deleting {name} again failed too ({undo_error}): remove it with `vdpad detach {name}`")
     else:
         error.add_note(f"{name} was deleted again")
