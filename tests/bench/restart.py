@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench.rig import frames, sim_mode, vdpa_device
+from tests.sim import frames, sim_mode, vdpa_device
 from vdpad.device import MessageType, VhostVdpa
 from vdpad.iotlb import DeviceIotlb, MemoryRegion
 from vdpad.virtio import DmaArena, NetDriver

@@ -12,7 +12,7 @@ import errno
 import pytest
 import structlog
 
-from tests.bench.rig import debug_logging
+from tests.sim import debug_logging
 from vdpad.device import (
     Access, BackendFeature, CodecError, GuestRegion, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NotSupportedError, Version, VhostError, VhostFd, VhostNet, VhostVdpa, VringAddr,

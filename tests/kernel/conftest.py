@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vdpad.mgmt import Busy, Driver, NotFound, VdpaNetlink, attach, detach
+from tests.sim import vdpa_device
 
 pytestmark = pytest.mark.kernel
 
@@ -49,30 +49,15 @@ def _wait_for(path: Path, what: str, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def _detach(nl: VdpaNetlink, name: str) -> None:
-    try:
-        detach(nl, name)
-    except NotFound:
-        pass  # the test removed it itself
-    except Busy:
-        gc.collect()  # a failed test's traceback may still hold an open VhostVdpa
-        detach(nl, name)
-
-
 @pytest.fixture
 def sim_device(sim_modules):
     """A factory: sim_device("vdpasim_net") -> a fresh device bound to vhost_vdpa, deleted after the test."""
-    made: list[str] = []
-    with VdpaNetlink() as nl:
+    with ExitStack() as made:
         def make(mgmtdev: str) -> SimDevice:
             name = f"t{os.getpid() % 1000}x{next(_names)}"
-            attached = attach(nl, name, mgmtdev, driver=Driver.VHOST_VDPA)
-            made.append(name)
-            return SimDevice(name, mgmtdev, attached.binding.node)
+            return SimDevice(name, mgmtdev, made.enter_context(vdpa_device(name, mgmtdev)))
 
         yield make
-        for name in made:
-            _detach(nl, name)
 
 
 @pytest.fixture

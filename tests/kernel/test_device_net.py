@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from tests.bench.rig import debug_logging
+from tests.sim import debug_logging
 from vdpad.device import (
     Access, BackendFeature, GuestRegion, InvalidArgument, IotlbMessage, MessageType,
     NetFeature, NotSupportedError, VhostError, VhostNet, VirtioFeature, VringAddr,

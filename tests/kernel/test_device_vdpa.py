@@ -8,14 +8,12 @@ import os
 import platform
 import struct
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import structlog
 
-from tests.bench.rig import VDPA_DEVICES, debug_logging, vdpa_device
+from tests.sim import debug_logging, sim_mode, vdpa_device
 from vdpad.device import (
     Access, BackendFeature, BlkFeature, DeviceStatus, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NetFeature, NotSupportedError, VhostError, VhostVdpa, VirtioFeature, VringAddr, VringEndian,
@@ -287,27 +285,9 @@ def test_vring_sizes_and_descriptor_groups(sim):
             assert refused.value.errno == errno.EOPNOTSUPP
 
 
-def reload_sim(*parameters: str) -> None:
-    """vdpa_sim and its devices again, with these module parameters (no sim device may exist)."""
-    if any(VDPA_DEVICES.iterdir()):
-        raise RuntimeError(f"cannot reload vdpa_sim: devices exist ({sorted(p.name for p in VDPA_DEVICES.iterdir())})")
-    for argv in (["-r", "vdpa_sim_net", "vdpa_sim_blk", "vdpa_sim"], ["vdpa_sim", *parameters],
-                 ["-a", "vdpa_sim_net", "vdpa_sim_blk"]):
-        subprocess.run(["modprobe", *argv], check=True, capture_output=True)
-
-
-@contextmanager
-def unbatched_sim() -> Iterator[None]:
-    reload_sim("batch_mapping=0")
-    try:
-        yield
-    finally:
-        reload_sim()
-
-
 @pytest.mark.parametrize("mgmtdev", sorted(SHAPES))
 def test_vring_size_without_batch_mapping(sim_modules, mgmtdev, memory):
-    with unbatched_sim(), vdpa_device(f"size{os.getpid() % 1000}", mgmtdev) as node, VhostVdpa(node) as fd:
+    with sim_mode(batch_mapping=False), vdpa_device(f"size{os.getpid() % 1000}", mgmtdev) as node, VhostVdpa(node) as fd:
         fd.set_owner()
         vqs = fd.get_vqs_count()
         # Before DRIVER_OK each queue offers the device's largest ring; after, the size in use.

@@ -13,7 +13,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from tests.bench.rig import debug_logging
+from tests.sim import debug_logging
 from vdpad.device import BackendFeature, InvalidArgument, IotlbMessage, MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, Mapping, MemoryRegion, Perm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.rig import memlock, sim_mode
+from tests.sim import memlock, sim_mode
 from tests.kernel.test_iotlb_engine import BASE, kinds, occupied
 from vdpad.device import MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, MemoryRegion

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from tests.bench.rig import debug_logging, sim_mode
+from tests.sim import debug_logging, sim_mode
 from vdpad.device import VhostVdpa
 from vdpad.iotlb import DeviceIotlb, MemoryRegion
 from vdpad.virtio import BlkDriver, DmaArena

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from tests.bench.rig import debug_logging, frames, sim_mode
+from tests.sim import debug_logging, frames, sim_mode
 from vdpad.device import BackendFeature, InvalidArgument, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, MemoryRegion
 from vdpad.virtio import DmaArena, DriverError, NetDriver

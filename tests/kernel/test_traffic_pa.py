@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.bench.rig import frames, memlock, sim_mode
+from tests.sim import frames, memlock, sim_mode
 from vdpad.device import MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import DeviceIotlb, MemoryRegion
 from vdpad.virtio import DmaArena, NetDriver

@@ -1,27 +1,29 @@
-"""What the traffic tests and the restart benchmark share inside the VM.
+"""The vdpa_sim rig shared by the kernel tests and the restart benchmark, inside the VM.
 
-vdpa_sim's address mode (module parameter use_va), devices made without the
-pytest fixtures (the benchmark runs outside pytest), and distinct Ethernet
-frames that vdpa_sim's receive filter lets through.
+vdpa_sim's module parameters (use_va, batch_mapping), devices made without
+the pytest fixtures (the benchmark runs outside pytest), RLIMIT_MEMLOCK, and
+distinct Ethernet frames that vdpa_sim's receive filter lets through.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from vdpad import log
+from vdpad.mgmt import Busy, Driver, NotFound, VdpaNetlink, attach, detach
 
 SIM_PARAMETERS = Path("/sys/module/vdpa_sim/parameters")
 VDPA_DEVICES = Path("/sys/bus/vdpa/devices")
 BROADCAST = b"\xff" * 6
 ETHERTYPE_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental: no stack claims it
+DEFAULTS = {"use_va": True, "batch_mapping": True}
 
 
 def _run(*argv: str) -> None:
@@ -30,21 +32,28 @@ def _run(*argv: str) -> None:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
 
 
+def sim_parameters() -> dict[str, bool]:
+    # use_va is a bool parameter (Y/N), batch_mapping an int (1/0).
+    return {name: (SIM_PARAMETERS / name).read_text().strip() in ("Y", "1") for name in DEFAULTS}
+
+
 def sim_uses_va() -> bool:
-    return (SIM_PARAMETERS / "use_va").read_text().strip() == "Y"
+    return sim_parameters()["use_va"]
 
 
-def load_sim(*, use_va: bool) -> None:
-    """(Re)load vdpa_sim and its net and blk devices in VA or PA mode; no sim device may exist."""
-    if SIM_PARAMETERS.exists() and sim_uses_va() == use_va:
+def load_sim(**parameters: bool) -> None:
+    """(Re)load vdpa_sim and its net and blk devices with these parameters (others at their
+    defaults); no sim device may exist."""
+    wanted = {**DEFAULTS, **parameters}
+    if SIM_PARAMETERS.exists() and sim_parameters() == wanted:
         return
     if VDPA_DEVICES.exists() and any(VDPA_DEVICES.iterdir()):
         raise RuntimeError(f"cannot reload vdpa_sim: devices exist ({sorted(p.name for p in VDPA_DEVICES.iterdir())})")
     _run("modprobe", "-r", "vdpa_sim_net", "vdpa_sim_blk", "vdpa_sim")
-    _run("modprobe", "vdpa_sim", f"use_va={int(use_va)}")
+    _run("modprobe", "vdpa_sim", *(f"{name}={int(value)}" for name, value in wanted.items()))
     _run("modprobe", "-a", "vhost_vdpa", "vdpa_sim_net", "vdpa_sim_blk")
-    if sim_uses_va() != use_va:
-        raise RuntimeError(f"vdpa_sim still has use_va={sim_uses_va()} after reloading it")
+    if sim_parameters() != wanted:
+        raise RuntimeError(f"vdpa_sim has {sim_parameters()} after reloading it with {wanted}")
 
 
 @contextmanager
@@ -61,35 +70,32 @@ def memlock(limit: int) -> Iterator[None]:
 
 
 @contextmanager
-def sim_mode(*, use_va: bool) -> Iterator[None]:
-    """vdpa_sim in the given mode for the duration (PA mode with an unlimited memlock), then VA again."""
-    load_sim(use_va=use_va)
+def sim_mode(**parameters: bool) -> Iterator[None]:
+    """vdpa_sim with these parameters for the duration (PA mode, use_va=False, with an unlimited
+    memlock), then at its defaults again."""
+    load_sim(**parameters)
     try:
         with memlock(resource.RLIM_INFINITY):
             yield
     finally:
-        load_sim(use_va=True)
+        load_sim()
 
 
 @contextmanager
 def vdpa_device(name: str, mgmtdev: str) -> Iterator[Path]:
-    """A vdpa_sim device bound to vhost_vdpa: its /dev/vhost-vdpa-N node; deleted after."""
-    _run("vdpa", "dev", "add", "name", name, "mgmtdev", mgmtdev)
-    try:
-        device = VDPA_DEVICES / name
-        driver = device / "driver"
-        if driver.exists() and driver.resolve().name != "vhost_vdpa":
-            (driver / "unbind").write_text(name)
-            (device / "driver_override").write_text("vhost_vdpa")
-            (VDPA_DEVICES.parent / "drivers" / "vhost_vdpa" / "bind").write_text(name)
-        deadline = time.monotonic() + 5
-        while not (nodes := sorted(device.glob("vhost-vdpa-*"))) or not (Path("/dev") / nodes[0].name).exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: no /dev/vhost-vdpa-N within 5 s")
-            time.sleep(0.02)
-        yield Path("/dev") / nodes[0].name
-    finally:
-        _run("vdpa", "dev", "del", name)
+    """A vdpa_sim device attached to vhost_vdpa by vdpad.mgmt: its /dev/vhost-vdpa-N node; detached after."""
+    with VdpaNetlink() as nl:
+        node = attach(nl, name, mgmtdev, driver=Driver.VHOST_VDPA).binding.node
+        try:
+            yield node
+        finally:
+            try:
+                detach(nl, name)
+            except NotFound:
+                pass  # the user removed it already
+            except Busy:
+                gc.collect()  # a failed test's traceback may still hold an open VhostVdpa
+                detach(nl, name)
 
 
 def frames(count: int, *, dst: bytes = BROADCAST, src: bytes = b"\x02\x00\x00\x00\x00\x01",
