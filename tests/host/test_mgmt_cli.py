@@ -22,7 +22,7 @@ from vdpad.mgmt.binding import wait_until
     (["--mtu", "67"], "mtu=67 is outside 68-65535"),
     (["--max-vqp", "0"], "max_vqp=0"),
     (["--features", "0x1" + "0" * 16], "does not fit in 64 bits"),
-    (["--features", "lots"], "'lots' is not a number"),
+    (["--features", "lots"], "unknown feature 'lots'"),
     (["--driver", "vfio"], "'vfio' is not one of"),
 ])
 def test_bad_attach_input_exits_2_before_any_request(args, text):

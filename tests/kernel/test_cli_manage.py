@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from vdpad.cli import main
+from vdpad.device import VhostVdpa
 from vdpad.mgmt import VdpaNetlink
 
 pytestmark = pytest.mark.kernel
@@ -230,3 +231,23 @@ def test_a_bind_that_fails_after_dev_new_deletes_the_device(clean):
     assert "vdpad: unbinding cli-net4 from vhost_vdpa: Permission denied" in proc.stderr
     assert "cli-net4 was deleted again" in proc.stderr
     assert "cli-net4" not in device_names()
+
+
+def test_attach_with_feature_names_offers_exactly_those(clean):
+    wanted = "VERSION_1,ACCESS_PLATFORM,MAC,STATUS"
+    code, out, err = vdpad("attach", "cli-feat0", "--mgmtdev", "vdpasim_net", "--mac", "02:00:00:00:20:09",
+                           "--features", wanted)
+    assert (code, err) == (0, "")
+    with VhostVdpa(out.strip()) as fd:
+        offered = fd.get_features()
+    code, out, _ = vdpad("dev", "config", "cli-feat0", "--json")
+    assert code == 0
+    assert json.loads(out)["features"] == offered
+    assert set(json.loads(out)["feature_names"]) == set(wanted.split(","))
+    assert vdpad("detach", "cli-feat0")[0] == 0
+
+
+def test_attach_with_an_unknown_feature_name_is_a_usage_error(clean):
+    code, _, err = vdpad("attach", "cli-feat1", "--mgmtdev", "vdpasim_net", "--features", "VERSION_1,WARP_DRIVE")
+    assert code == 2
+    assert "unknown feature 'WARP_DRIVE'" in err

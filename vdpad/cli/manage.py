@@ -19,7 +19,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="print JSON i
 
 
 class Features(click.ParamType):
-    """A 64-bit feature mask: 0x..., 0b... or decimal."""
+    """A 64-bit feature mask: a number (0x..., 0b..., decimal) or names (VERSION_1,MAC,net.MQ)."""
 
     name = "features"
 
@@ -27,9 +27,9 @@ class Features(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return int(value, 0)
-        except ValueError:
-            self.fail(f"{value!r} is not a number (e.g. 0x300000020)", param, ctx)
+            return flags.parse_features(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 def feature_names(features: int | None, device_id: int) -> list[str] | None:
@@ -225,7 +225,7 @@ def dev_set(name: str, mac: str) -> None:
 @click.option("--mac", help="net: MAC address (aa:bb:cc:dd:ee:ff, unicast)")
 @click.option("--mtu", type=int, help="net: MTU (68-65535)")
 @click.option("--max-vqp", type=int, help="net: queue pairs (1-32768)")
-@click.option("--features", type=Features(), help="device features to offer, a 64-bit mask (0x...)")
+@click.option("--features", type=Features(), help="device features to offer: a mask (0x...) or names (VERSION_1,ACCESS_PLATFORM,MAC)")
 @click.option("--driver", type=click.Choice([d.value for d in Driver]), default=Driver.VHOST_VDPA.value,
               show_default=True, help="driver to bind the new device to")
 @click.option("--timeout", type=click.FloatRange(min=0), default=binding.DEFAULT_TIMEOUT, show_default=True,

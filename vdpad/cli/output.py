@@ -26,7 +26,7 @@ EXIT_CODES = (
     (8, "timed out waiting for the kernel (a device node that did not appear)"),
 )
 _BY_KIND: tuple[tuple[type[BaseException], int], ...] = (
-    (InvalidArgument, 2), (NotFound, 3), (AlreadyExists, 4), (PermissionDenied, 5), (PermissionError, 5),
+    (InvalidArgument, 2), (NotFound, 3), (FileNotFoundError, 3), (AlreadyExists, 4), (PermissionDenied, 5), (PermissionError, 5),
     (NotSupported, 6), (Busy, 7), (WaitTimeout, 8),
 )
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
@@ -46,9 +46,16 @@ def reports_errors(command: F) -> F:
             return command(*args, **kwargs)
         except (OSError, ValueError) as error:
             notes = "; ".join(getattr(error, "__notes__", ()))
-            click.echo(f"vdpad: {error}{'; ' + notes if notes else ''}", err=True)
+            click.echo(f"vdpad: {_message(error)}{'; ' + notes if notes else ''}", err=True)
             sys.exit(exit_code(error))
     return run  # type: ignore[return-value]
+
+
+def _message(error: BaseException) -> str:
+    # An OSError whose text already names what failed needs no "[Errno N]" in front.
+    if isinstance(error, OSError) and error.strerror and error.filename is None:
+        return error.strerror
+    return str(error)
 
 
 def emit_json(value: Any) -> None:
