@@ -35,9 +35,9 @@ vm-prepare: install
 # In the guest, hypothesis's plugin alone costs ~6 s of TCG start-up.
 vm-test: vm-prepare
 	rm -f $(REPORTS)/kernel.xml
-	$(HARNESS) run --collect $(REPORTS) -- sh -c '$(PY) -m pytest -m kernel \
-	  -p no:hypothesispytest -p no:cacheprovider --junitxml="$$VDPAD_VM_OUT/kernel.xml" \
-	  $(PYTEST_VM_ARGS) tests/kernel'
+	$(HARNESS) run --collect $(REPORTS) -- sh -c "$(PY) -m pytest -m kernel \
+	  -p no:hypothesispytest -p no:cacheprovider --junitxml=\$$VDPAD_VM_OUT/kernel.xml \
+	  $(PYTEST_VM_ARGS) tests/kernel"
 
 test: vm-prepare host-test vm-test
 	@$(PY) -m tests.report host=$(REPORTS)/host.xml kernel=$(REPORTS)/kernel.xml

@@ -255,3 +255,19 @@ def test_messages_carry_the_asid_and_the_region_address():
     (message,) = work.messages(asid=1)
     assert (message.type, message.iova, message.size, message.uaddr, message.perm, message.asid) == (
         MessageType.UPDATE, 16 * P, 2 * P, r.address + 4 * P, Perm.WO, 1)
+
+
+def test_freeing_units_at_both_ends_of_the_iova_space_fits_one_message():
+    """A run from IOVA 0 to 2^64-1 is 2^64 bytes: one byte less still frees the top unit."""
+    a = REGIONS[0]
+    top = (1 << 64) - P
+    units = plan((), AddressMap([Mapping(0, P, a, 0, Perm.RW), Mapping(top, P, a, P, Perm.RW)])).units
+    kernel = KernelModel()
+    apply(kernel, plan((), AddressMap(units)))
+    work = plan(units, AddressMap())
+    assert work.invalidate == ((0, (1 << 64) - 1),)
+    messages = work.messages()  # each must encode: a size of 2^64 would not
+    assert [m.encode() for m in messages]
+    apply(kernel, work)
+    assert kernel.entries == [] and work.units == ()
+    assert after_invalidate(units, 0, (1 << 64) - 1) == ()

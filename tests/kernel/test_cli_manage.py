@@ -251,3 +251,13 @@ def test_attach_with_an_unknown_feature_name_is_a_usage_error(clean):
     code, _, err = vdpad("attach", "cli-feat1", "--mgmtdev", "vdpasim_net", "--features", "VERSION_1,WARP_DRIVE")
     assert code == 2
     assert "unknown feature 'WARP_DRIVE'" in err
+
+
+def test_info_on_a_node_another_holder_has_open_is_busy(sim_device):
+    dev = sim_device("vdpasim_net")
+    with VhostVdpa(dev.node):
+        code, out, err = vdpad("info", str(dev.node))
+    assert (code, out) == (7, "")
+    assert f"cannot open {dev.node}" in err and "busy" in err.lower()
+    code, out, _ = vdpad("info", str(dev.node), "--json")
+    assert code == 0 and json.loads(out)["vqs"] == 3

@@ -321,3 +321,72 @@ def test_async_variants_commit_in_a_worker_thread(net):
     assert [(m.iova, m.size) for m in iotlb.space(0).entries] == [(BASE + P, 3 * P)]
     assert occupied(dev, scratch, BASE + P) and not occupied(dev, scratch, BASE)
     assert occupied(dev, scratch, BASE, asid=1)
+
+
+def test_units_at_both_ends_of_the_iova_space_are_freed_in_one_commit(net):
+    dev, iotlb, a, _, scratch = net
+    first, last = iotlb.iova_range.first, iotlb.iova_range.last
+    top = last + 1 - P
+    iotlb.map(0, first, a, 0, P)
+    iotlb.map(0, top, a, P, P)
+    with iotlb.record() as trace:
+        with iotlb.transaction(0) as tx:
+            tx.unmap(first, P)
+            tx.unmap(top, P)
+    # From the first IOVA to the last is 2^64 bytes: one byte less still reaches the top entry.
+    assert kinds(trace) == [(BEGIN, 0, 0, 0, True), (INVALIDATE, first, last - first, 0, True),
+                            (END, 0, 0, 0, True)]
+    assert not iotlb.space(0).units and iotlb.space(0).in_sync
+    assert not occupied(dev, scratch, first) and not occupied(dev, scratch, top)
+
+
+def test_a_recorder_that_raises_changes_nothing_that_is_sent_or_booked(net):
+    dev, iotlb, a, _, scratch = net
+
+    def broken(written):
+        raise RuntimeError("a broken trace")
+
+    iotlb.add_recorder(broken)
+    with capture_logs() as events:
+        iotlb.map(0, BASE, a, 0, 4 * P)
+    assert iotlb.space(0).units == (Mapping(BASE, 4 * P, a, 0, Perm.RW),) and iotlb.space(0).in_sync
+    assert occupied(dev, scratch, BASE)
+    assert [e["event"] for e in events].count("iotlb.recorder_failed") == 3  # BEGIN, UPDATE, END
+    iotlb.unmap(0, BASE, 4 * P)  # the engine and the kernel still agree
+    assert not occupied(dev, scratch, BASE)
+
+
+def test_opening_a_transaction_does_not_wait_for_a_commit_in_progress(net):
+    """A trio task opening `atransaction` must not block while another thread commits (pins pages)."""
+    import threading
+
+    _, iotlb, a, _, _ = net
+    iotlb.map(0, BASE, a, 0, P)
+    committing = threading.Event()
+    release = threading.Event()
+
+    def slow(written):
+        committing.set()
+        release.wait(10)
+
+    iotlb.add_recorder(slow)
+    worker = threading.Thread(target=iotlb.map, args=(0, BASE + P, a, P, P))
+    worker.start()
+    try:
+        assert committing.wait(10)
+        opened = threading.Event()
+        threading.Thread(target=lambda: (iotlb.transaction(0), opened.set())).start()
+        assert opened.wait(2), "opening a transaction waited for the commit's lock"
+    finally:
+        release.set()
+        worker.join(10)
+        iotlb.remove_recorder(slow)
+    assert [m.iova for m in iotlb.space(0).entries] == [BASE]  # contiguous: one entry
+
+
+def test_a_backend_feature_bit_without_a_name_is_refused_too(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev:
+        dev.set_owner()
+        with pytest.raises(InvalidArgument, match=r"backend features 0x200 asked for"):
+            DeviceIotlb(dev, backend_features=1 << 9)
+        assert dev.acked_backend_features == BackendFeature(0)  # nothing was acked

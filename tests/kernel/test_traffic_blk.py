@@ -52,3 +52,16 @@ def test_sectors_survive_a_reset(mode, vdpa_blk, persist):
             assert updates == []
         else:
             assert sum(e["size"] for e in updates) == REGION_SIZE
+
+
+def test_requests_fit_a_small_ring(vdpa_blk):
+    """With 16 descriptors a request carries at most 14 data segments: 64 KiB moves in several."""
+    data = os.urandom(128 * SECTOR)
+    with VhostVdpa(vdpa_blk.node) as dev, MemoryRegion(REGION_SIZE, "blk") as region, \
+            DmaArena(region, DATA_IOVA) as arena, BlkDriver(dev, arena, queue_size=16) as blk:
+        dev.set_owner()
+        DeviceIotlb(dev).map(0, DATA_IOVA, region, 0, region.size)
+        blk.start()
+        assert blk.request_bytes < len(data)
+        blk.write(10, data)
+        assert blk.read(10, 128) == data

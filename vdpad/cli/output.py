@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -22,7 +23,7 @@ EXIT_CODES = (
     (4, "a device of that name exists already"),
     (5, "permission denied (needs root / CAP_NET_ADMIN)"),
     (6, "not supported: a kernel module is missing (message names it) or the device cannot do it"),
-    (7, "busy: the device node is open"),
+    (7, "busy: the device node is open (by another process)"),
     (8, "timed out waiting for the kernel (a device node that did not appear)"),
 )
 _BY_KIND: tuple[tuple[type[BaseException], int], ...] = (
@@ -35,6 +36,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def exit_code(error: BaseException) -> int:
+    if isinstance(error, OSError) and error.errno == errno.EBUSY and error.filename is None:
+        return 7  # vhost-vdpa allows one open: another process has the node
     return next((code for kind, code in _BY_KIND if isinstance(error, kind)), 1)
 
 

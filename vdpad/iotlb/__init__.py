@@ -28,7 +28,8 @@ The API (stable; docs/iotlb.md explains the design)::
     with iotlb.record() as trace:        # every IOTLB write, accepted or refused
         ...
     trace.messages(MessageType.UPDATE)   # the accepted UPDATEs (IotlbMessage)
-    iotlb.add_recorder(callback)         # callback(Written(message, error)) on every write
+    iotlb.add_recorder(callback)         # callback(Written(message, error)) on every write;
+                                         # a callback that raises is logged, never breaks a commit
 
 Errors: InvalidArgument (a ValueError; nothing was sent) for bad input, naming
 what was wrong: outside GET_IOVA_RANGE, size <= 0, iova/offset/size not page

@@ -111,9 +111,11 @@ class DeviceIotlb:
         self.dev = dev
         offered = dev.get_backend_features()
         extra = BackendFeature(int(backend_features))
-        if extra & ~offered:
+        # On ints: ~ of an IntFlag only flips the bits it names, and an unnamed bit must be refused too.
+        if missing := int(extra) & ~int(offered):
             raise InvalidArgument("SET_BACKEND_FEATURES", dev.path,
-                                  f"{extra & ~offered!r} asked for but the device offers only {offered!r}")
+                                  f"backend features {missing:#x} asked for but the device offers only "
+                                  f"{int(offered):#x}")
         wanted = BASE_FEATURES | (BackendFeature.IOTLB_PERSIST if persist else BackendFeature(0))
         dev.set_backend_features((wanted & offered) | extra)
         self.acked = dev.acked_backend_features
@@ -226,7 +228,7 @@ class DeviceIotlb:
                     space.passthrough = True
                     try:
                         self._replay(asid, space)
-                    except REFUSED as error:
+                    except Exception as error:  # noqa: BLE001 - every space gets its replay, every group its AS
                         error.add_note(f"AS {asid} is only partly replayed: commit an empty "
                                        "transaction on it to retry")
                         failures.append(error)
@@ -360,24 +362,34 @@ class DeviceIotlb:
                 self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
 
     def _send(self, asid: int, space: _Space, work: Plan) -> None:
+        # Each accepted message is booked in space.units before anything else runs.
         for iova, size in work.invalidate:
-            self._write(IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid))
+            message = IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid)
+            self._write(message, told=False)
             space.units = after_invalidate(space.units, iova, size)
+            self._tell(Written(message))
         for unit in work.update:
-            self._write(update_message(unit, asid))
+            message = update_message(unit, asid)
+            self._write(message, told=False)
             space.units = after_update(space.units, unit)
+            self._tell(Written(message))
 
-    def _write(self, message: IotlbMessage) -> None:
+    def _write(self, message: IotlbMessage, *, told: bool = True) -> None:
+        """Write one message; a refusal is told and raised, an acceptance told unless `told` is False."""
         try:
             self.dev.write_iotlb(message)
         except REFUSED as error:
             self._tell(Written(message, error))
             raise
-        self._tell(Written(message))
+        if told:
+            self._tell(Written(message))
 
     def _tell(self, written: Written) -> None:
         for recorder in list(self._recorders):
-            recorder(written)
+            try:
+                recorder(written)
+            except Exception as error:  # noqa: BLE001 - a trace must never change what is sent
+                self._log.warning("iotlb.recorder_failed", recorder=repr(recorder), error=repr(error))
 
 
 class Transaction:
@@ -393,7 +405,9 @@ class Transaction:
         iotlb._check_asid("IOTLB transaction", asid)
         self._iotlb, self.asid = iotlb, asid
         self._ops: list[Callable[[AddressMap], AddressMap]] = []
-        self._pending = iotlb.space(asid).map
+        # Lock-free: the map is immutable and the attribute read atomic, so opening a
+        # transaction on a trio thread never waits for a commit pinning pages elsewhere.
+        self._pending = iotlb._spaces[asid].view
         self._state = "open"
         self.sent: Plan | None = None
 

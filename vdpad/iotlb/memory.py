@@ -54,12 +54,21 @@ class MemoryRegion:
         return self._closed
 
     def close(self) -> None:
+        """Unmap and close the memfd. Refused (BufferError, region still usable) while
+        views into it are alive, e.g. ring or arena buffers carved from `view`."""
         if self._closed:
             return
-        self._closed = True
         self.view.release()
         _ffi.release(self._pointer)
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            # Export again what we released: the region stays whole and open.
+            self._pointer = _ffi.from_buffer(self._map)
+            self.view = memoryview(self._map)
+            raise BufferError(f"{self!r} cannot close: views into its memory are still alive "
+                              "(release them first)") from None
+        self._closed = True
         os.close(self.fd)
 
     def __enter__(self) -> MemoryRegion:

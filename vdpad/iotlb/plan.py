@@ -59,6 +59,15 @@ def _sorted(units: Iterable[Mapping]) -> list[Mapping]:
     return sorted(units, key=lambda u: u.iova)
 
 
+U64 = (1 << 64) - 1
+
+
+def _range(start: int, end: int) -> tuple[int, int]:
+    # A run from IOVA 0 to the very top is 2^64 bytes, one more than a message
+    # can say; one byte less still touches the top unit, and a touched unit goes whole.
+    return start, min(end - start, U64)
+
+
 def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[int, int], ...]:
     """The fewest INVALIDATE ranges freeing every unit not in `keep` and no unit in it."""
     ranges: list[tuple[int, int]] = []
@@ -66,14 +75,14 @@ def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[i
     for unit in _sorted(units):
         if unit in keep:
             if start is not None:
-                ranges.append((start, end - start))
+                ranges.append(_range(start, end))
                 start = None
             continue
         if start is None:
             start = unit.iova
         end = unit.end
     if start is not None:
-        ranges.append((start, end - start))
+        ranges.append(_range(start, end))
     return tuple(ranges)
 
 

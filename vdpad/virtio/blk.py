@@ -31,6 +31,8 @@ class BlkDriver(VirtioDriver):
         super().__init__(dev)
         if max_request <= 0 or max_request % SECTOR:
             raise ValueError(f"max_request {max_request} is not a positive multiple of {SECTOR}")
+        if queue_size < 4:
+            raise ValueError(f"queue_size {queue_size}: a request needs a header, data and status descriptor")
         self.arena, self.queue_size, self.max_request = arena, queue_size, max_request
         self.capacity = 0  # in sectors
         self._segment = DEFAULT_SEGMENT
@@ -55,7 +57,9 @@ class BlkDriver(VirtioDriver):
 
     @property
     def request_bytes(self) -> int:
-        return min(self.max_request, self._segment * self._max_segments)
+        # A request's chain is header + data segments + status: it must fit the ring.
+        segments = min(self._max_segments, self.queue_size - 2)
+        return min(self.max_request, self._segment * segments)
 
     def _check(self, sector: int, length: int) -> None:
         if length <= 0 or length % SECTOR:
