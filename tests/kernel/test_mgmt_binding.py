@@ -94,3 +94,29 @@ def test_unbind_is_refused_while_the_node_is_open(fresh):
 def test_unknown_device_is_not_found(sim_modules):
     with pytest.raises(NotFound, match="bd-none"):
         bind("bd-none", Driver.VHOST_VDPA)
+
+
+def test_a_failed_attach_whose_node_someone_opened_leaves_the_device_instead_of_hanging(sim_modules, monkeypatch):
+    """The undo must not DEV_DEL a device whose node is open: the kernel would wait uninterruptibly."""
+    from vdpad.device import VhostVdpa
+    from vdpad.mgmt import attach, detach, lifecycle
+
+    held = []
+    real_bind = lifecycle.binding.bind
+
+    def bind_then_lose_the_race(name, driver, timeout):
+        # Another process opens the fresh node before attach is done, then attach fails.
+        held.append(VhostVdpa(real_bind(name, Driver.VHOST_VDPA, timeout).node))
+        raise TimeoutError("the driver's node did not appear")
+
+    monkeypatch.setattr(lifecycle.binding, "bind", bind_then_lose_the_race)
+    with VdpaNetlink() as nl:
+        with pytest.raises(TimeoutError) as failed:
+            attach(nl, "race0", "vdpasim_net", driver=Driver.VHOST_VDPA)
+        note = " ".join(failed.value.__notes__)
+        assert "deleting race0 again failed too" in note and "is open by pid" in note
+        assert nl.device("race0").name == "race0"  # left in place, not hung in DEV_DEL
+        held.pop().close()
+        detach(nl, "race0")
+        with pytest.raises(NotFound):
+            nl.device("race0")

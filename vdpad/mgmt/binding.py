@@ -172,6 +172,16 @@ def holders(node: Path) -> list[int]:
     return sorted(pids)
 
 
+def refuse_if_open(name: str) -> Binding:
+    """Busy if `name`'s vhost-vdpa node is open: unbinding or deleting it would wait,
+    uninterruptibly, for the last close. Returns the current binding."""
+    current = binding_of(name)
+    if current.node is not None and (pids := holders(current.node)):
+        raise Busy(errno.EBUSY, f"{name}: {current.node} is open by pid {', '.join(map(str, pids))}; "
+                                "close it first (the kernel would wait for it)")
+    return current
+
+
 def unbind(name: str) -> None:
     """Unbind `name` from its driver and clear its driver_override.
 
@@ -179,11 +189,8 @@ def unbind(name: str) -> None:
     would wait, uninterruptibly, for the last close.
     """
     device_dir = _device_dir(name)
-    current = binding_of(name)
+    current = refuse_if_open(name)
     if current.driver is None:
         return
-    if current.node is not None and (pids := holders(current.node)):
-        raise Busy(errno.EBUSY, f"{name}: {current.node} is open by pid {', '.join(map(str, pids))}; "
-                                "close it first (the kernel would wait for it)")
     _write(device_dir / "driver" / "unbind", name, f"unbinding {name} from {current.driver}")
     _write(device_dir / "driver_override", "\n", f"clearing driver_override of {name}")

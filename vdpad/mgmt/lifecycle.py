@@ -84,7 +84,10 @@ def attach(nl: VdpaNetlink, name: str, mgmtdev: str, *, mac: str | None = None, 
 def _undo(nl: VdpaNetlink, name: str, error: BaseException) -> None:
     log.debug("attach failed: deleting the device again", device=name, error=str(error))
     try:
-        nl.delete_device(name)  # unregistering unbinds it too
+        # If someone opened the node meanwhile, DEV_DEL would wait for them
+        # uninterruptibly: Busy leaves the device in place and says so instead.
+        binding.refuse_if_open(name)
+        nl.delete_device(name)  # unregistering unbinds it too (and needs no sysfs write)
     except Exception as undo_error:  # reported with the error that made us undo
         error.add_note(f"deleting {name} again failed too ({undo_error}): remove it with `vdpad detach {name}`")
     else:
