@@ -387,6 +387,6 @@ def test_opening_a_transaction_does_not_wait_for_a_commit_in_progress(net):
 def test_a_backend_feature_bit_without_a_name_is_refused_too(vdpa_net):
     with VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
-        with pytest.raises(InvalidArgument, match=r"backend features 0x200 asked for"):
+        with pytest.raises(InvalidArgument, match=r"backend features bit9 \(0x200\) asked for"):
             DeviceIotlb(dev, backend_features=1 << 9)
         assert dev.acked_backend_features == BackendFeature(0)  # nothing was acked

@@ -12,7 +12,7 @@ import structlog
 import trio
 
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
-from vdpad.device.flags import BackendFeature
+from vdpad.device.flags import BackendFeature, describe
 from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType
 from vdpad.device.vdpa import IovaRange, VhostVdpa
 from vdpad.iotlb.memory import PAGE_SIZE
@@ -113,9 +113,10 @@ class DeviceIotlb:
         extra = BackendFeature(int(backend_features))
         # On ints: ~ of an IntFlag only flips the bits it names, and an unnamed bit must be refused too.
         if missing := int(extra) & ~int(offered):
+            names = ", ".join(describe(missing, BackendFeature))
             raise InvalidArgument("SET_BACKEND_FEATURES", dev.path,
-                                  f"backend features {missing:#x} asked for but the device offers only "
-                                  f"{int(offered):#x}")
+                                  f"backend features {names} ({missing:#x}) asked for but the device offers only "
+                                  f"{', '.join(describe(int(offered), BackendFeature))} ({int(offered):#x})")
         wanted = BASE_FEATURES | (BackendFeature.IOTLB_PERSIST if persist else BackendFeature(0))
         dev.set_backend_features((wanted & offered) | extra)
         self.acked = dev.acked_backend_features
