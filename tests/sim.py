@@ -37,10 +37,6 @@ def sim_parameters() -> dict[str, bool]:
     return {name: (SIM_PARAMETERS / name).read_text().strip() in ("Y", "1") for name in DEFAULTS}
 
 
-def sim_uses_va() -> bool:
-    return sim_parameters()["use_va"]
-
-
 def load_sim(**parameters: bool) -> None:
     """(Re)load vdpa_sim and its net and blk devices with these parameters (others at their
     defaults); no sim device may exist."""

@@ -25,7 +25,7 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 AVAIL_F_NO_INTERRUPT = 1
 
-DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+USED_ALIGN = 4  # descriptors open the (page-aligned) ring; avail follows them at an even offset
 MAX_SIZE = 32768  # the spec's largest split queue
 
 
@@ -161,10 +161,6 @@ class SplitRing:
         return head
 
     # -- device -> driver ---------------------------------------------------
-    def pending_used(self) -> int:
-        """How many used entries the device published that `reap` has not returned yet."""
-        return (self.used_idx - self._last_used) & 0xFFFF
-
     def reap(self) -> list[Used]:
         """Every chain the device finished since the last call; their descriptors are free again."""
         done = []
