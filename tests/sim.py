@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vdpad import log
+from vdpad.iotlb import PAGE_SIZE
 from vdpad.mgmt import Busy, Driver, NotFound, VdpaNetlink, attach, detach
 
 SIM_PARAMETERS = Path("/sys/module/vdpa_sim/parameters")
@@ -92,6 +93,18 @@ def vdpa_device(name: str, mgmtdev: str) -> Iterator[Path]:
             except Busy:
                 gc.collect()  # a failed test's traceback may still hold an open VhostVdpa
                 detach(nl, name)
+
+
+def iova_far_from_us(iova_range, size: int) -> int:
+    """A page-aligned IOVA for `size` bytes inside the device's range, as far above this process's
+    own addresses as the range allows: a device that fell back to a 1:1 map (VA mode) finds
+    nothing of ours there. Devices with a 39-bit range (VDUSE, many IOMMUs) get their top."""
+    far = 0x7000_0000_0000
+    top = (iova_range.last + 1 - size) & ~(PAGE_SIZE - 1)
+    iova = max(min(far, top), -(-iova_range.first // PAGE_SIZE) * PAGE_SIZE)
+    if iova + size - 1 > iova_range.last:
+        raise ValueError(f"{size:#x} bytes do not fit the device's IOVA range {iova_range}")
+    return iova
 
 
 def frames(count: int, *, dst: bytes = BROADCAST, src: bytes = b"\x02\x00\x00\x00\x00\x01",

@@ -3,19 +3,27 @@
 What the kernel holds is probed with a one-page UPDATE written behind the
 engine's back: vhost-vdpa refuses it (EFAULT) where an entry is, and takes
 it (the probe then invalidates it again) where none is.
+
+Every test runs on both kinds of parent vdpa_sim can be: set_map (its
+default, batch_mapping=1: the device gets a batch as one new map) and dma_map
+(batch_mapping=0: each message reaches the device as it is written).
 """
 
 from __future__ import annotations
 
 import errno
+import gc
+import threading
+from collections.abc import Iterator
 
 import pytest
 import trio
 from structlog.testing import capture_logs
 
-from tests.sim import debug_logging
+from tests.sim import debug_logging, sim_mode
 from vdpad.device import BackendFeature, InvalidArgument, IotlbMessage, MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, Mapping, MemoryRegion, Perm
+from vdpad.mgmt.parent import MapKind
 
 pytestmark = pytest.mark.kernel
 
@@ -24,6 +32,12 @@ BASE = 0x7000_0000_0000  # far from this process's own addresses
 CVQ = 2
 UPDATE, INVALIDATE = MessageType.UPDATE, MessageType.INVALIDATE
 BEGIN, END = MessageType.BATCH_BEGIN, MessageType.BATCH_END
+
+
+@pytest.fixture(scope="module", autouse=True, params=["set_map", "dma_map"])
+def parent(request, sim_modules) -> Iterator[MapKind]:
+    with sim_mode(batch_mapping=request.param == "set_map"):
+        yield MapKind(request.param)
 
 
 def occupied(dev: VhostVdpa, scratch: MemoryRegion, iova: int, asid: int = 0) -> bool:
@@ -60,7 +74,7 @@ def test_negotiation_acks_what_the_engine_needs_and_what_is_asked(vdpa_net):
         assert iotlb.persistent and iotlb.batching
         assert (iotlb.as_num, iotlb.group_num) == (2, 2)
         assert iotlb.iova_range == dev.get_iova_range()
-        assert all(iotlb.space(asid).passthrough and not iotlb.space(asid).entries for asid in (0, 1))
+        assert all(iotlb.space(asid).initial and not iotlb.space(asid).entries for asid in (0, 1))
         with pytest.raises(InvalidArgument, match="DESC_ASID"):
             DeviceIotlb(dev, backend_features=BackendFeature.DESC_ASID)  # not offered by vdpa_sim
         assert not DeviceIotlb(dev, persist=False).persistent
@@ -79,7 +93,7 @@ def test_a_first_map_is_one_batch_and_the_kernel_holds_it(net):
                                                                    (b.address + 4 * P, Perm.RO)]
     assert tx.sent.update == iotlb.space(0).units
     view = iotlb.space(0)
-    assert not view.passthrough and view.in_sync
+    assert not view.initial and view.in_sync
     assert view.lookup(BASE + 9 * P) == Mapping(BASE, 16 * P, a, 0, Perm.RW)
     assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 15 * P)
     assert occupied(dev, scratch, BASE + 33 * P)
@@ -252,12 +266,13 @@ def test_reset_without_persistence_replays_every_address_space(vdpa_net):
             (UPDATE, BASE, 4 * P, 1, True), (END, 0, 0, 1, True),
         ]
         assert [iotlb.space(0).map, iotlb.space(1).map] == maps
-        assert all(iotlb.space(asid).in_sync and not iotlb.space(asid).passthrough for asid in (0, 1))
+        assert all(iotlb.space(asid).in_sync and not iotlb.space(asid).initial for asid in (0, 1))
         assert occupied(dev, scratch, BASE + 7 * P) and occupied(dev, scratch, BASE + 19 * P)
         assert not occupied(dev, scratch, BASE + 8 * P)
 
 
-def test_replay_leaves_an_emptied_space_empty_not_passthrough(vdpa_net):
+def test_replay_of_an_emptied_space_maps_and_unmaps_one_page(vdpa_net):
+    """What the replay sends (test_traffic_net.py shows on the device that the space is empty)."""
     with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(4 * P, "a") as a:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=False)
@@ -265,10 +280,14 @@ def test_replay_leaves_an_emptied_space_empty_not_passthrough(vdpa_net):
         iotlb.unmap(1, BASE, 4 * P)
         with iotlb.record() as trace:
             iotlb.reset()
-        # AS 0 never changed: the reset gave it its passthrough back, nothing to send.
-        # AS 1 was emptied: an empty batch hands the device its empty map again.
-        assert kinds(trace) == [(BEGIN, 0, 0, 1, True), (END, 0, 0, 1, True)]
-        assert iotlb.space(0).passthrough and not iotlb.space(1).passthrough
+        # AS 0 never changed: the reset gave it its initial map back, nothing to send.
+        # AS 1 was emptied: an empty batch would reach a set_map parent only; a page mapped
+        # and unmapped again reaches every kind.
+        first = iotlb.iova_range.first
+        assert kinds(trace) == [(BEGIN, 0, 0, 1, True), (UPDATE, first, P, 1, True), (END, 0, 0, 1, True),
+                                (BEGIN, 0, 0, 1, True), (INVALIDATE, first, P, 1, True), (END, 0, 0, 1, True)]
+        assert trace.messages(UPDATE)[0].perm is Perm.RO
+        assert iotlb.space(0).initial and not iotlb.space(1).initial and not iotlb.space(1).units
 
 
 def test_cvq_group_in_address_space_1_with_its_own_map(vdpa_net):
@@ -390,3 +409,123 @@ def test_a_backend_feature_bit_without_a_name_is_refused_too(vdpa_net):
         with pytest.raises(InvalidArgument, match=r"backend features bit9 \(0x200\) asked for"):
             DeviceIotlb(dev, backend_features=1 << 9)
         assert dev.acked_backend_features == BackendFeature(0)  # nothing was acked
+
+
+def test_the_parent_kind_is_found_from_the_node(vdpa_net, parent):
+    with VhostVdpa(vdpa_net.node) as dev:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev)
+        assert iotlb.map_kind is parent
+        assert iotlb.atomic_batches is (parent is MapKind.BATCHED)
+
+
+def test_features_acked_before_the_engine_are_kept_and_the_engine_reads_what_is_acked_now(vdpa_net):
+    with VhostVdpa(vdpa_net.node) as dev:
+        dev.set_owner()
+        dev.set_backend_features(BackendFeature.SUSPEND | BackendFeature.RESUME | BackendFeature.IOTLB_MSG_V2)
+        iotlb = DeviceIotlb(dev, persist=False)
+        assert BackendFeature.SUSPEND | BackendFeature.RESUME in dev.acked_backend_features
+        assert not iotlb.persistent and iotlb.batching
+        dev.set_backend_features(dev.acked_backend_features | BackendFeature.IOTLB_PERSIST)
+        assert iotlb.persistent and iotlb.acked == dev.acked_backend_features
+
+
+def test_a_refused_batch_end_keeps_the_refusal_that_caused_the_rollback(net):
+    """The kernel refuses an UPDATE, the rollback goes in, and then BATCH_END is refused too."""
+    dev, iotlb, a, b, scratch = net
+    iotlb.map(0, BASE, a, 0, 4 * P)
+    dev.write_iotlb(IotlbMessage(UPDATE, BASE + 32 * P, P, scratch.address, Perm.RO))  # behind the engine
+
+    def drop_batch_ack(written):  # someone else re-acks the fd's features without BATCH mid-commit
+        if not written.accepted:
+            dev.set_backend_features(dev.acked_backend_features & ~BackendFeature.IOTLB_BATCH)
+
+    iotlb.add_recorder(drop_batch_ack)
+    with pytest.raises(VhostError) as refused:
+        with iotlb.transaction(0) as tx:
+            tx.unmap(BASE, 4 * P)
+            tx.map(BASE + 32 * P, b, 0, P)
+    iotlb.remove_recorder(drop_batch_ack)
+    assert refused.value.errno == errno.EFAULT  # the cause, not the BATCH_END's refusal
+    notes = " ".join(refused.value.__notes__)
+    assert "rolled back" in notes and "BATCH_END of AS 0 was refused too" in notes
+    assert iotlb.open_batch == 0 and iotlb.space(0).in_sync
+    dev.write_iotlb(IotlbMessage(INVALIDATE, BASE + 32 * P, P))
+    dev.set_backend_features(dev.acked_backend_features | BackendFeature.IOTLB_BATCH)
+    with iotlb.record() as trace:
+        iotlb.map(0, BASE + 32 * P, b, 0, P)
+    # The batch the kernel is still in is ended before the next one begins.
+    assert kinds(trace) == [(END, 0, 0, 0, True), (BEGIN, 0, 0, 0, True), (UPDATE, BASE + 32 * P, P, 0, True),
+                            (END, 0, 0, 0, True)]
+    assert iotlb.open_batch is None
+
+
+def test_an_atransaction_cancelled_before_its_commit_ends_aborted(net):
+    dev, iotlb, a, _, scratch = net
+    seen = []
+
+    async def main():
+        with trio.CancelScope() as scope:
+            async with iotlb.atransaction(0) as tx:
+                tx.map(BASE, a, 0, P)
+                seen.append(tx)
+                scope.cancel()  # lands at the commit's first checkpoint, before its thread starts
+        assert scope.cancelled_caught
+
+    trio.run(main)
+    assert seen[0].state == "aborted"
+    assert not iotlb.space(0).entries and not occupied(dev, scratch, BASE)
+    with pytest.raises(InvalidArgument, match="the transaction is aborted"):
+        seen[0].commit()
+
+
+def test_async_commits_on_one_device_run_in_the_order_they_were_called(net):
+    dev, iotlb, a, _, _ = net
+    called: list[int] = []
+    first_update = threading.Event()
+
+    def slow_first(written):  # the first commit holds the engine while the others queue up
+        if written.message.type is UPDATE and not first_update.is_set():
+            first_update.set()
+            threading.Event().wait(0.3)
+
+    iotlb.add_recorder(slow_first)
+
+    async def commit(number: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        called.append(number)  # no checkpoint between this and the lane's queue
+        await iotlb.amap(0, BASE + number * 2 * P, a, number * P, P)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for number in range(8):
+                await nursery.start(commit, number)
+
+    with iotlb.record() as trace:
+        trio.run(main)
+    order = [(m.iova - BASE) // (2 * P) for m in trace.messages(UPDATE)]
+    assert order == called == list(range(8))
+
+
+def test_a_mapped_region_refuses_to_close_and_names_where_it_is_mapped(net):
+    from vdpad.iotlb import RegionInUse
+
+    dev, iotlb, _, _, _ = net
+    region = MemoryRegion(4 * P, "guest")
+    iotlb.map(1, BASE, region, 0, 4 * P)
+    with pytest.raises(RegionInUse, match=rf"AS 1 \[{BASE:#x}, {BASE + 4 * P:#x}\) on {dev.path}"):
+        region.close()
+    assert not region.closed and region.view[0] == 0  # still whole
+    iotlb.unmap(1, BASE, 4 * P)
+    region.close()
+    assert region.closed
+
+
+def test_a_region_mapped_through_a_closed_fd_may_close(vdpa_net):
+    region = MemoryRegion(4 * P, "guest")
+    dev = VhostVdpa(vdpa_net.node)
+    dev.set_owner()
+    DeviceIotlb(dev).map(0, BASE, region, 0, 4 * P)
+    dev.close()  # the kernel unmapped everything with the fd
+    gc.collect()
+    region.close()

@@ -2,7 +2,9 @@
 
 Every test runs in vdpa_sim's VA mode (the device reads our memory through
 our page tables) and in PA mode (vhost-vdpa pins the pages, the device reads
-them by physical address).
+them by physical address), as a set_map parent (the device takes a batch as
+one new map), and in VA mode as a dma_map parent too (batch_mapping=0: each
+message reaches the device as it is written).
 """
 
 from __future__ import annotations
@@ -11,28 +13,27 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import errno
+
 import pytest
 from structlog.testing import capture_logs
 
-from tests.sim import debug_logging, frames, sim_mode
-from vdpad.device import BackendFeature, InvalidArgument, VhostVdpa
-from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, MemoryRegion
+from tests.sim import debug_logging, frames, iova_far_from_us, sim_mode
+from vdpad.device import BackendFeature, InvalidArgument, IotlbMessage, MessageType, VhostError, VhostVdpa
+from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, MemoryRegion, Perm
 from vdpad.virtio import DmaArena, DriverError, NetDriver
 from vdpad.virtio.net import RX, TX
 
 pytestmark = pytest.mark.kernel
 
-# Far from any address of this process: a device that fell back to its 1:1
-# passthrough map (VA mode) finds nothing there instead of some of our memory.
-DATA_IOVA = 0x1000_0000_0000
 REGION_SIZE = 1 << 20
 FRAMES = 32
 CVQ = 2
 
 
-@pytest.fixture(scope="module", params=["va", "pa"])
+@pytest.fixture(scope="module", params=["va", "pa", "va-dma_map"])
 def mode(request, sim_modules) -> Iterator[str]:
-    with sim_mode(use_va=request.param == "va"):
+    with sim_mode(use_va=request.param.startswith("va"), batch_mapping=not request.param.endswith("dma_map")):
         yield request.param
 
 
@@ -43,6 +44,7 @@ class NetRig:
     data: MemoryRegion
     ctrl: MemoryRegion | None
     net: NetDriver
+    data_iova: int
 
 
 @pytest.fixture
@@ -60,11 +62,13 @@ def open_net(mode, vdpa_net):
             iotlb = DeviceIotlb(dev, persist=persist, backend_features=extra)
             data = stack.enter_context(MemoryRegion(REGION_SIZE, "net-data"))
             ctrl = stack.enter_context(MemoryRegion(16 * PAGE_SIZE, "net-ctrl")) if cvq else None
-            iotlb.map(0, DATA_IOVA, data, 0, data.size)
-            data_arena = stack.enter_context(DmaArena(data, DATA_IOVA))
-            ctrl_arena = stack.enter_context(DmaArena(ctrl, DATA_IOVA)) if ctrl else None
+            # Far from our own addresses: a device that fell back to its 1:1 map (VA mode) finds nothing there.
+            data_iova = iova_far_from_us(iotlb.iova_range, REGION_SIZE)
+            iotlb.map(0, data_iova, data, 0, data.size)
+            data_arena = stack.enter_context(DmaArena(data, data_iova))
+            ctrl_arena = stack.enter_context(DmaArena(ctrl, data_iova)) if ctrl else None
             net = stack.enter_context(NetDriver(dev, data_arena, ctrl=ctrl_arena))
-            return NetRig(dev, iotlb, data, ctrl, net)
+            return NetRig(dev, iotlb, data, ctrl, net, data_iova)
 
         yield make
 
@@ -109,7 +113,7 @@ def test_traffic_across_reset_by_replay(open_net):
     updates = [e for e in iotlb_writes(events) if e["type"] == "UPDATE"]
     # The replay mapped the whole region again, at the same IOVA, from the same memory.
     assert updates and sum(e["size"] for e in updates) == REGION_SIZE
-    assert min(e["iova"] for e in updates) == DATA_IOVA
+    assert min(e["iova"] for e in updates) == rig.data_iova
     if rig.iotlb.batching:
         kinds = [e["type"] for e in iotlb_writes(events)]
         assert kinds[0] == "BATCH_BEGIN" and kinds[-1] == "BATCH_END"
@@ -138,9 +142,9 @@ def test_cvq_in_address_space_1(open_net):
     cvq_group = rig.dev.get_vring_group(CVQ)
     assert cvq_group != rig.dev.get_vring_group(0)
     rig.iotlb.set_group_asid(cvq_group, 1)
-    rig.iotlb.map(1, DATA_IOVA, rig.ctrl, 0, rig.ctrl.size)
-    assert rig.iotlb.space(0).lookup(DATA_IOVA).region is rig.data
-    assert rig.iotlb.space(1).lookup(DATA_IOVA).region is rig.ctrl
+    rig.iotlb.map(1, rig.data_iova, rig.ctrl, 0, rig.ctrl.size)
+    assert rig.iotlb.space(0).lookup(rig.data_iova).region is rig.data
+    assert rig.iotlb.space(1).lookup(rig.data_iova).region is rig.ctrl
     rig.net.start()
 
     for turn, mac in enumerate((bytes.fromhex("02766470610a"), bytes.fromhex("02766470610b"))):
@@ -153,21 +157,99 @@ def test_cvq_in_address_space_1(open_net):
         assert rig.net.exchange(unicast) == unicast
 
 
-def test_refused_transaction_keeps_traffic_on_the_old_map(open_net):
-    rig = open_net(persist=True)
+def test_a_transaction_the_kernel_refuses_half_way_keeps_traffic_on_the_old_map(open_net):
+    """The live rings are moved to other memory, then the kernel refuses: the rollback puts them back."""
+    rig = open_net(persist=True, extra=BackendFeature.SUSPEND | BackendFeature.RESUME)
     rig.net.start()
     sent = frames(8, seed=20)
     assert rig.net.exchange(sent) == sent
-    old = rig.iotlb.space(0).entries
-    with MemoryRegion(REGION_SIZE, "other") as other, rig.iotlb.record() as trace:
-        with pytest.raises(InvalidArgument, match="overlap"):
+    old = rig.iotlb.space(0)
+    foreign = rig.data_iova + 2 * REGION_SIZE
+    with MemoryRegion(REGION_SIZE, "other") as other, MemoryRegion(PAGE_SIZE, "foreign") as page:
+        # An entry the engine does not know of: the kernel refuses the commit's last UPDATE over it.
+        rig.dev.write_iotlb(IotlbMessage(MessageType.UPDATE, foreign, PAGE_SIZE, page.address, Perm.RO))
+        with rig.iotlb.record() as trace, pytest.raises(VhostError) as refused:
             with rig.iotlb.transaction(0) as tx:
-                tx.unmap(DATA_IOVA, REGION_SIZE)
-                tx.map(DATA_IOVA, other, 0, REGION_SIZE)  # would move the live rings under the device
-                tx.map(DATA_IOVA + REGION_SIZE - PAGE_SIZE, other, 0, 2 * PAGE_SIZE)
-    assert len(trace) == 0
-    assert rig.iotlb.space(0).entries == old
+                tx.unmap(rig.data_iova, REGION_SIZE)
+                tx.map(rig.data_iova, other, 0, REGION_SIZE)  # the rings would read zeroed memory
+                tx.map(foreign, other, 0, PAGE_SIZE)
+        assert refused.value.errno == errno.EFAULT
+        accepted = [w.message.type for w in trace if w.accepted]
+        assert MessageType.INVALIDATE in accepted and MessageType.UPDATE in accepted  # half-way, for real
+        assert rig.iotlb.space(0) == old and rig.iotlb.space(0).in_sync
+        rig.dev.write_iotlb(IotlbMessage(MessageType.INVALIDATE, foreign, PAGE_SIZE))
     after = frames(FRAMES, seed=21)
+    assert rig.net.exchange(after) == after
+
+
+@pytest.mark.parametrize("mode", ["va", "va-dma_map"], indirect=True)
+def test_an_emptied_space_translates_nothing_after_a_replay(open_net):
+    """Probed on the device: rings placed at their own userspace addresses work through a 1:1
+    passthrough map and through nothing else (VA mode: in PA mode a 1:1 map would point the
+    rings at physical memory the guest kernel owns)."""
+    rig = open_net(persist=False)
+    rig.iotlb.unmap(0, rig.data_iova, REGION_SIZE)  # the user's map of AS 0 is empty now
+    rig.iotlb.reset()  # the device's initial 1:1 map came back; the replay must take it away
+    assert not rig.iotlb.space(0).initial and not rig.iotlb.space(0).entries
+    with DmaArena(rig.data, rig.data.address) as identity, NetDriver(rig.dev, identity) as probe:
+        probe.start()
+        with pytest.raises(DriverError, match="used after"):
+            probe.exchange(frames(4, seed=40), timeout=1.0)
+
+
+@pytest.mark.parametrize("mode", ["va", "va-dma_map"], indirect=True)
+def test_the_probe_moves_frames_through_the_initial_passthrough_map(mode, vdpa_net):
+    """The control for the test above: on a device nothing was mapped on, the same probe works."""
+    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(REGION_SIZE, "probe") as data:
+        dev.set_owner()
+        with DmaArena(data, data.address) as identity, NetDriver(dev, identity) as probe:
+            probe.start()
+            sent = frames(4, seed=41)
+            assert probe.exchange(sent) == sent
+
+
+def _recut_the_live_entry(rig: NetRig):
+    """Unmap the data region's last page (unused): the one kernel entry goes whole and the rest,
+    rings included, is sent again."""
+    return rig.iotlb.transaction(0).unmap(rig.data_iova + REGION_SIZE - PAGE_SIZE, PAGE_SIZE)
+
+
+def test_a_commit_that_recuts_a_live_entry_suspends_a_device_that_applies_messages_at_once(mode, open_net):
+    rig = open_net(persist=True, extra=BackendFeature.SUSPEND | BackendFeature.RESUME)
+    rig.net.start()
+    sent = frames(8, seed=50)
+    assert rig.net.exchange(sent) == sent
+    with capture_logs() as events:
+        plan = _recut_the_live_entry(rig).commit()
+    assert plan.invalidate == ((rig.data_iova, REGION_SIZE),)
+    calls = [e.get("op") or e.get("type") for e in events if e["event"] in ("ioctl", "iotlb.write")]
+    if rig.iotlb.atomic_batches:  # set_map: the device switches maps at BATCH_END, never sees the gap
+        assert calls == ["BATCH_BEGIN", "INVALIDATE", "UPDATE", "BATCH_END"]
+    else:
+        assert calls == ["GET_STATUS", "SUSPEND", "BATCH_BEGIN", "INVALIDATE", "UPDATE", "BATCH_END", "RESUME"]
+    assert not rig.dev.suspended
+    after = frames(FRAMES, seed=51)
+    assert rig.net.exchange(after) == after
+
+
+@pytest.mark.parametrize("mode", ["va-dma_map"], indirect=True)
+def test_without_suspend_a_commit_with_a_window_is_refused_unless_allowed(open_net):
+    rig = open_net(persist=True)
+    rig.net.start()
+    before = rig.iotlb.space(0)
+    with rig.iotlb.record() as trace, pytest.raises(InvalidArgument) as refused:
+        _recut_the_live_entry(rig).commit()
+    window = f"[{rig.data_iova:#x}, {rig.data_iova + REGION_SIZE - PAGE_SIZE:#x})"
+    assert f"{window} of AS 0 stay mapped but would be unmapped for an instant" in str(refused.value)
+    assert "dma_map" in str(refused.value) and "nothing was sent" in str(refused.value)
+    assert len(trace) == 0 and rig.iotlb.space(0) == before
+    # Allowed by the caller (who knows the device does not use those bytes now), it goes through.
+    sent = frames(4, seed=52)
+    assert rig.net.exchange(sent) == sent
+    with rig.iotlb.transaction(0, allow_window=True) as tx:
+        tx.unmap(rig.data_iova + REGION_SIZE - PAGE_SIZE, PAGE_SIZE)
+    assert tx.sent.invalidate
+    after = frames(4, seed=53)
     assert rig.net.exchange(after) == after
 
 

@@ -6,14 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.sim import frames, memlock, sim_mode
+from tests.sim import frames, iova_far_from_us, memlock, sim_mode
 from vdpad.device import MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import DeviceIotlb, MemoryRegion
 from vdpad.virtio import DmaArena, NetDriver
 
 pytestmark = pytest.mark.kernel
 
-DATA_IOVA = 0x3000_0000_0000
 MIB = 1 << 20
 
 
@@ -25,25 +24,26 @@ def pa_mode(sim_modules) -> Iterator[None]:
 
 def test_kernel_refused_commit_rolls_back_and_traffic_continues(pa_mode, vdpa_net):
     with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(MIB, "data") as data, \
-            MemoryRegion(MIB, "other") as other, MemoryRegion(8 * MIB, "big") as big, \
-            DmaArena(data, DATA_IOVA) as arena, NetDriver(dev, arena) as net:
+            MemoryRegion(MIB, "other") as other, MemoryRegion(8 * MIB, "big") as big:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=True)
-        iotlb.map(0, DATA_IOVA, data, 0, data.size)
-        net.start()
-        sent = frames(16, seed=1)
-        assert net.exchange(sent) == sent
-        old = iotlb.space(0).entries
+        iova = iova_far_from_us(iotlb.iova_range, 24 * MIB)
+        iotlb.map(0, iova, data, 0, data.size)
+        with DmaArena(data, iova) as arena, NetDriver(dev, arena) as net:
+            net.start()
+            sent = frames(16, seed=1)
+            assert net.exchange(sent) == sent
+            old = iotlb.space(0).entries
 
-        # 2 MiB of pins allowed: the 1 MiB in use fits, the transaction's 9 MiB does not.
-        with memlock(2 * MIB), iotlb.record() as trace:
-            with pytest.raises(VhostError) as refused:
-                with iotlb.transaction(0) as tx:
-                    tx.unmap(DATA_IOVA, data.size)
-                    tx.map(DATA_IOVA, other, 0, other.size)  # the live rings would move to other memory
-                    tx.map(DATA_IOVA + 16 * MIB, big, 0, big.size)
-        assert any(not w.accepted and w.message.type is MessageType.UPDATE for w in trace), refused.value
-        assert iotlb.space(0).entries == old and iotlb.space(0).in_sync
+            # 2 MiB of pins allowed: the 1 MiB in use fits, the transaction's 9 MiB does not.
+            with memlock(2 * MIB), iotlb.record() as trace:
+                with pytest.raises(VhostError) as refused:
+                    with iotlb.transaction(0) as tx:
+                        tx.unmap(iova, data.size)
+                        tx.map(iova, other, 0, other.size)  # the live rings would move to other memory
+                        tx.map(iova + 16 * MIB, big, 0, big.size)
+            assert any(not w.accepted and w.message.type is MessageType.UPDATE for w in trace), refused.value
+            assert iotlb.space(0).entries == old and iotlb.space(0).in_sync
 
-        after = frames(32, seed=2)
-        assert net.exchange(after) == after
+            after = frames(32, seed=2)
+            assert net.exchange(after) == after

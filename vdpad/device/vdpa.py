@@ -39,6 +39,7 @@ class VhostVdpa(VhostFd):
     def __init__(self, path: str | os.PathLike[str]):
         super().__init__(path)
         self._shape: dict[str, Any] = {}
+        self._suspended = False
 
     def _known(self, name: str, ask: Callable[[], T]) -> T:
         if name not in self._shape:
@@ -94,14 +95,23 @@ class VhostVdpa(VhostFd):
             self._refuse("SET_STATUS", f"status={int(status)!r} does not fit in 8 bits")
         self._ioctl("SET_STATUS", lib.VHOST_VDPA_SET_STATUS, ffi.new("uint8_t *", int(status)),
                     status="|".join(describe(int(status), DeviceStatus)) or "RESET")
+        if not status:
+            self._suspended = False  # a reset leaves the device stopped, not suspended
 
     def suspend(self) -> None:
         """Stop the rings, keeping their state (needs SUSPEND offered)."""
         self._ioctl("SUSPEND", lib.VHOST_VDPA_SUSPEND)
+        self._suspended = True
 
     def resume(self) -> None:
         """Restart the rings after suspend (needs RESUME offered)."""
         self._ioctl("RESUME", lib.VHOST_VDPA_RESUME)
+        self._suspended = False
+
+    @property
+    def suspended(self) -> bool:
+        """Suspended through this fd and not resumed or reset since (the kernel has no getter)."""
+        return self._suspended
 
     # -- config space ----------------------------------------------------------
     def _check_config(self, op: str, offset: int, length: int) -> None:

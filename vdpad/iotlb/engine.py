@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import structlog
 import trio
 
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
-from vdpad.device.flags import BackendFeature, describe
+from vdpad.device.flags import BackendFeature, DeviceStatus, describe
 from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType
 from vdpad.device.vdpa import IovaRange, VhostVdpa
-from vdpad.iotlb.memory import PAGE_SIZE
-from vdpad.iotlb.plan import Plan, after_invalidate, after_update, replay, transition, update_message
+from vdpad.iotlb.memory import PAGE_SIZE, MemoryRegion
+from vdpad.iotlb.plan import (
+    Plan, after_invalidate, after_update, replay, transition, unmapped_meanwhile, update_message,
+)
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
+from vdpad.mgmt.parent import MapKind, map_kind_of_node
+
+T = TypeVar("T")
 
 log = structlog.get_logger("vdpad.iotlb")
 
@@ -53,7 +60,9 @@ class SpaceView:
     asid: int
     map: AddressMap  # what the user asked for, normalised
     units: tuple[Mapping, ...]  # the kernel's entries, as they were sent
-    passthrough: bool  # the device still has its initial 1:1 map (nothing sent since the last clean reset)
+    # Nothing sent since the last reset that gave the device its parent's initial map back:
+    # a 1:1 passthrough on vdpa_sim and mlx5, nothing at all on VDUSE and platform-IOMMU parents.
+    initial: bool
 
     @property
     def entries(self) -> tuple[Mapping, ...]:
@@ -78,7 +87,7 @@ class SpaceView:
 class _Space:
     view: AddressMap = field(default_factory=AddressMap)
     units: tuple[Mapping, ...] = ()
-    passthrough: bool = True
+    initial: bool = True
 
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
@@ -101,13 +110,17 @@ class RollbackError(Exception):
 class DeviceIotlb:
     """The IOTLB of one owned vhost-vdpa device: one address map per address space.
 
-    Negotiates the backend features at once (see module docstring); the fd
-    must already be owned (set_owner) before anything is committed.
-    Thread-safe: commits, resets and group changes are serialised.
+    Negotiates the backend features at once (see module docstring), keeping
+    what was acked on the fd before; the fd must already be owned
+    (set_owner) before anything is committed. `map_kind` says how the parent
+    applies messages (vdpad.mgmt.parent); None finds it from the node, and a
+    kind that cannot be found is taken as applying each message at once.
+    Thread-safe: commits, resets and group changes are serialised; the async
+    variants run in one worker lane per device, in the order they were called.
     """
 
     def __init__(self, dev: VhostVdpa, *, persist: bool = True,
-                 backend_features: BackendFeature | int = BackendFeature(0)):
+                 backend_features: BackendFeature | int = BackendFeature(0), map_kind: MapKind | None = None):
         self.dev = dev
         offered = dev.get_backend_features()
         extra = BackendFeature(int(backend_features))
@@ -118,8 +131,9 @@ class DeviceIotlb:
                                   f"backend features {names} ({missing:#x}) asked for but the device offers only "
                                   f"{', '.join(describe(int(offered), BackendFeature))} ({int(offered):#x})")
         wanted = BASE_FEATURES | (BackendFeature.IOTLB_PERSIST if persist else BackendFeature(0))
-        dev.set_backend_features((wanted & offered) | extra)
-        self.acked = dev.acked_backend_features
+        kept = dev.acked_backend_features & ~BackendFeature.IOTLB_PERSIST  # acked before us: not ours to drop
+        dev.set_backend_features(kept | (wanted & offered) | extra)
+        self.map_kind = map_kind if map_kind is not None else map_kind_of_node(dev.path)
         self.iova_range: IovaRange = dev.get_iova_range()
         self.as_num = self._count(dev.get_as_num) if BackendFeature.IOTLB_ASID in self.acked else 1
         self.group_num = self._count(dev.get_group_num)
@@ -127,18 +141,26 @@ class DeviceIotlb:
         self._group_asid: dict[int, int] = {}
         self._recorders: list[Callable[[Written], None]] = []
         self._lock = threading.RLock()
+        self._open_batch: int | None = None  # the ASID of a batch the kernel did not see end
         self._log = log.bind(device=dev.path)
-        self._log.debug("iotlb.open", acked=str(self.acked), as_num=self.as_num,
+        self._log.debug("iotlb.open", acked=str(self.acked), as_num=self.as_num, groups=self.group_num,
+                        map_kind=self.map_kind.value if self.map_kind else "unknown (taken as at once)",
+                        reset="kept" if self.persistent else "replayed", atomic_batches=self.atomic_batches,
                         iova_first=self.iova_range.first, iova_last=self.iova_range.last)
 
-    @staticmethod
-    def _count(getter: Callable[[], int]) -> int:
+    def _count(self, getter: Callable[[], int]) -> int:
         try:
             return getter()
         except NotSupportedError:  # kernels before address spaces: one of everything
+            self._log.debug("iotlb.fallback", missing=getter.__name__, using=1)
             return 1
 
     # -- what is known ------------------------------------------------------------
+    @property
+    def acked(self) -> BackendFeature:
+        """The backend features the fd has acked now (whoever acked them)."""
+        return self.dev.acked_backend_features
+
     @property
     def persistent(self) -> bool:
         """The kernel keeps the maps across SET_STATUS(0) (IOTLB_PERSIST acked)."""
@@ -148,6 +170,16 @@ class DeviceIotlb:
     def batching(self) -> bool:
         return BackendFeature.IOTLB_BATCH in self.acked
 
+    @property
+    def atomic_batches(self) -> bool:
+        """A commit reaches the device as one switch: a set_map parent, with batches acked."""
+        return self.batching and self.map_kind is not None and self.map_kind.atomic_batches
+
+    @property
+    def open_batch(self) -> int | None:
+        """The address space of a batch whose BATCH_END the kernel refused: the next write ends it first."""
+        return self._open_batch
+
     def space(self, asid: int = 0) -> SpaceView:
         self._check_asid("IOTLB space", asid)
         with self._lock:
@@ -155,13 +187,21 @@ class DeviceIotlb:
 
     def _view(self, asid: int) -> SpaceView:
         space = self._spaces[asid]
-        return SpaceView(asid, space.view, space.units, space.passthrough)
+        return SpaceView(asid, space.view, space.units, space.initial)
 
     @property
     def group_asids(self) -> dict[int, int]:
         """The groups this engine moved, and to which address space."""
         with self._lock:
             return dict(self._group_asid)
+
+    def mappings_of(self, region: Memory) -> list[str]:
+        """Where the kernel maps `region` through this device now (MemoryRegion.close asks before closing)."""
+        if self.dev.closed:
+            return []  # closing the fd unmapped everything
+        with self._lock:
+            return [f"AS {asid} {describe_range(unit.iova, unit.size)} on {self.dev.path}"
+                    for asid, space in enumerate(self._spaces) for unit in space.units if unit.region is region]
 
     # -- the trace ------------------------------------------------------------------
     def add_recorder(self, recorder: Callable[[Written], None]) -> None:
@@ -181,8 +221,9 @@ class DeviceIotlb:
             self.remove_recorder(trace.append)
 
     # -- changing maps ------------------------------------------------------------------
-    def transaction(self, asid: int = 0) -> Transaction:
-        return Transaction(self, asid)
+    def transaction(self, asid: int = 0, *, allow_window: bool = False) -> Transaction:
+        """See Transaction; `allow_window` lets a commit unmap live bytes for an instant (see _guard_window)."""
+        return Transaction(self, asid, allow_window=allow_window)
 
     def map(self, asid: int, iova: int, region: Memory, offset: int, size: int,
             perm: Access = Access.RW) -> Plan:
@@ -207,10 +248,11 @@ class DeviceIotlb:
         """SET_STATUS(0), then every address space translates as before.
 
         With IOTLB_PERSIST the kernel kept the maps: no IOTLB message is sent.
-        Without it the device's maps went back to passthrough: each address
-        space is replayed (see plan.replay), one batch per space. Group
-        address spaces are set again either way (devices point every vq back
-        at AS 0 on reset).
+        Without it the device's maps may have gone back to the parent's
+        initial map while vhost-vdpa kept its entries: each address space that
+        was changed is replayed (see plan.replay), one batch per space; an
+        emptied one is emptied on the device again. Group address spaces are
+        set again either way (devices point every vq back at AS 0 on reset).
         """
         with self._lock:
             if not self.persistent:
@@ -224,9 +266,9 @@ class DeviceIotlb:
             failures: list[Exception] = []
             if not self.persistent:
                 for asid, space in enumerate(self._spaces):
-                    if space.passthrough:
+                    if space.initial:
                         continue  # never changed: the reset gave it back what it had
-                    space.passthrough = True
+                    space.initial = True
                     try:
                         self._replay(asid, space)
                     except Exception as error:  # noqa: BLE001 - every space gets its replay, every group its AS
@@ -235,7 +277,7 @@ class DeviceIotlb:
                         failures.append(error)
             for group, asid in self._group_asid.items():
                 self.dev.set_group_asid(group, asid)
-            self._log.debug("iotlb.reset", persistent=self.persistent, failed=len(failures))
+            self._log.debug("iotlb.reset", path="kept" if self.persistent else "replayed", failed=len(failures))
             if failures:
                 raise failures[0]
 
@@ -243,40 +285,52 @@ class DeviceIotlb:
         work = replay(space.units, space.view)
         if work:
             self._run(asid, space, work)
-        elif self.batching:
-            # An empty map that is not passthrough: a batch with nothing in it
-            # hands the device the (empty) map, as a persistent device kept it.
-            self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
-            self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
-            space.passthrough = False
         else:
-            self._write(IotlbMessage(MessageType.INVALIDATE, self.iova_range.first, PAGE_SIZE, asid=asid))
-            space.passthrough = False
+            self._empty_device_map(asid, space)
+
+    def _empty_device_map(self, asid: int, space: _Space) -> None:
+        """Take the parent's initial map (vdpa_sim's 1:1) away from an address space the user emptied.
+
+        An empty batch does it on a set_map parent only; a dma_map parent is
+        told nothing by vhost-vdpa until it maps something, and an INVALIDATE
+        of nothing reaches no parent. So one page is mapped read-only and
+        unmapped again: every kind of parent ends up translating nothing.
+        """
+        first = -(-self.iova_range.first // PAGE_SIZE) * PAGE_SIZE
+        with MemoryRegion(PAGE_SIZE, "vdpad-empty") as page:
+            unit = Mapping(first, PAGE_SIZE, page, 0, Access.RO)
+            self._run(asid, space, Plan((), (unit,), (unit,)))
+            self._run(asid, space, Plan(((first, PAGE_SIZE),), (), ()))
+        self._log.debug("iotlb.emptied", asid=asid, iova=first)
 
     # -- async (never block a trio loop: a write that pins pages can take long) -----------
+    async def _in_lane(self, work: Callable[[], T]) -> T:
+        """Run `work` in a worker thread, after every call made before it on this device."""
+        return await trio.to_thread.run_sync(work, limiter=_lane(self))
+
     @asynccontextmanager
-    async def atransaction(self, asid: int = 0) -> AsyncIterator[Transaction]:
-        """`async with iotlb.atransaction(asid) as tx:` commits in a worker thread."""
-        tx = Transaction(self, asid)
+    async def atransaction(self, asid: int = 0, *, allow_window: bool = False) -> AsyncIterator[Transaction]:
+        """`async with iotlb.atransaction(asid) as tx:` commits in the device's worker lane."""
+        tx = Transaction(self, asid, allow_window=allow_window)
         try:
             yield tx
-        except BaseException:
-            tx.abort()
-            raise
-        await trio.to_thread.run_sync(tx.commit)
+            await self._in_lane(tx.commit)
+        finally:
+            if tx.state == "open":  # the body raised, or the commit was cancelled before it started
+                tx.abort()
 
     async def amap(self, asid: int, iova: int, region: Memory, offset: int, size: int,
                    perm: Access = Access.RW) -> Plan:
-        return await trio.to_thread.run_sync(functools.partial(self.map, asid, iova, region, offset, size, perm))
+        return await self._in_lane(functools.partial(self.map, asid, iova, region, offset, size, perm))
 
     async def aunmap(self, asid: int, iova: int, size: int) -> Plan:
-        return await trio.to_thread.run_sync(self.unmap, asid, iova, size)
+        return await self._in_lane(functools.partial(self.unmap, asid, iova, size))
 
     async def areset(self) -> None:
-        await trio.to_thread.run_sync(self.reset)
+        await self._in_lane(self.reset)
 
     async def aset_group_asid(self, group: int, asid: int) -> None:
-        await trio.to_thread.run_sync(self.set_group_asid, group, asid)
+        await self._in_lane(functools.partial(self.set_group_asid, group, asid))
 
     # -- validation ------------------------------------------------------------------------
     def _refuse(self, op: str, problem: str) -> InvalidArgument:
@@ -329,12 +383,64 @@ class DeviceIotlb:
                 if entry.region.closed:
                     raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
             work = plan_change(space.units, target)
-            self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate),
-                            update=len(work.update), entries=len(target))
+            window = unmapped_meanwhile(space.units, work, target) if work.invalidate else ()
+            suspend = self._suspend_for(tx, window)
+            self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate), update=len(work.update),
+                            entries=len(target), window=len(window),
+                            path="batch" if self.atomic_batches else "suspended" if suspend else "at once")
             if work:
-                self._run(tx.asid, space, work, undo_to=space.units)
+                for entry in target:
+                    self._track(entry.region)
+                with self._suspended(suspend):
+                    self._run(tx.asid, space, work, undo_to=space.units)
             space.view = target
             return work
+
+    def _suspend_for(self, tx: Transaction, window: tuple[tuple[int, int], ...]) -> bool:
+        """Whether the device must be suspended while a commit unmaps `window` for an instant.
+
+        `window` holds bytes mapped before and after the commit that its
+        INVALIDATEs free before its UPDATEs map them again. A set_map parent
+        takes the batch as one switch and never sees it; a parent that applies
+        each message at once does, and a running device may reach into it.
+        """
+        if not window or self.atomic_batches:
+            return False
+        if self.dev.suspended or DeviceStatus.DRIVER_OK not in self.dev.get_status():
+            return False  # nothing is running that could reach the gap
+        if BackendFeature.SUSPEND | BackendFeature.RESUME in self.acked:
+            return True
+        spans = ", ".join(describe_range(iova, size) for iova, size in window)
+        if tx.allow_window:
+            self._log.debug("iotlb.window_allowed", asid=tx.asid, window=spans)
+            return False
+        kind = self.map_kind.value if self.map_kind else "of an unknown kind"
+        raise self._refuse("IOTLB commit", f"{spans} of AS {tx.asid} stay mapped but would be unmapped for an "
+                                           f"instant: the parent ({kind}) applies each message at once and the "
+                                           "device is running, with SUSPEND and RESUME not both acked. Suspend "
+                                           "it first, ack SUSPEND and RESUME, or allow the window")
+
+    @contextmanager
+    def _suspended(self, suspend: bool) -> Iterator[None]:
+        if not suspend:
+            yield
+            return
+        self.dev.suspend()
+        try:
+            yield
+        except BaseException as error:
+            try:
+                self.dev.resume()
+            except REFUSED as resume_error:
+                error.add_note(f"resuming {self.dev.path} after the commit failed too: {resume_error}")
+            raise
+        self.dev.resume()
+
+    def _track(self, region: Memory) -> None:
+        """Tell the region it is mapped here, so it refuses to close while the kernel maps it."""
+        add_mapper = getattr(region, "add_mapper", None)
+        if add_mapper is not None:
+            add_mapper(self)
 
     def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: tuple[Mapping, ...] | None = None) -> None:
         """Send `work` for one address space, inside one batch when batches are acked.
@@ -343,9 +449,11 @@ class DeviceIotlb:
         refuses one and `undo_to` is given, the units are brought back to it
         in the same batch, so a batching device never sees the half-way map.
         """
+        self._end_batch()  # one the kernel did not see end, if any
         if self.batching:
             self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
-        space.passthrough = False  # from here on only a clean reset brings it back
+            self._open_batch = asid
+        space.initial = False  # from here on only a reset brings the initial map back
         try:
             try:
                 self._send(asid, space, work)
@@ -358,9 +466,25 @@ class DeviceIotlb:
                     raise RollbackError(refused, undo, self._view(asid)) from refused
                 refused.add_note(f"rolled back: AS {asid} holds what it held before the commit")
                 raise
-        finally:
-            if self.batching:
-                self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
+        except BaseException as error:
+            self._end_batch(during=error)
+            raise
+        self._end_batch()
+
+    def _end_batch(self, *, during: BaseException | None = None) -> None:
+        """BATCH_END for the open batch; refused while another error is on its way, it is noted on that one."""
+        asid = self._open_batch
+        if asid is None:
+            return
+        try:
+            self._write(IotlbMessage(MessageType.BATCH_END, asid=asid))
+        except REFUSED as error:
+            if during is None:
+                raise
+            during.add_note(f"BATCH_END of AS {asid} was refused too ({error}): the kernel is still inside "
+                            "that batch, and the next commit or reset ends it first")
+            return
+        self._open_batch = None
 
     def _send(self, asid: int, space: _Space, work: Plan) -> None:
         # Each accepted message is booked in space.units before anything else runs.
@@ -393,6 +517,22 @@ class DeviceIotlb:
                 self._log.warning("iotlb.recorder_failed", recorder=repr(recorder), error=repr(error))
 
 
+_LANES: trio.lowlevel.RunVar = trio.lowlevel.RunVar("vdpad_iotlb_lanes")
+
+
+def _lane(iotlb: DeviceIotlb) -> trio.CapacityLimiter:
+    """The device's worker lane in this trio run: one thread at a time, callers served in FIFO order."""
+    try:
+        lanes = _LANES.get()
+    except LookupError:
+        lanes = weakref.WeakKeyDictionary()
+        _LANES.set(lanes)
+    lane = lanes.get(iotlb)
+    if lane is None:
+        lane = lanes[iotlb] = trio.CapacityLimiter(1)
+    return lane
+
+
 class Transaction:
     """Map and unmap operations on one address space, committed together.
 
@@ -402,15 +542,23 @@ class Transaction:
     everything on an exception.
     """
 
-    def __init__(self, iotlb: DeviceIotlb, asid: int = 0):
+    def __init__(self, iotlb: DeviceIotlb, asid: int = 0, *, allow_window: bool = False):
         iotlb._check_asid("IOTLB transaction", asid)
         self._iotlb, self.asid = iotlb, asid
+        # On a parent that applies each message at once, a running device without SUSPEND
+        # may see bytes that stay mapped go missing for an instant; refused unless allowed.
+        self.allow_window = allow_window
         self._ops: list[Callable[[AddressMap], AddressMap]] = []
         # Lock-free: the map is immutable and the attribute read atomic, so opening a
         # transaction on a trio thread never waits for a commit pinning pages elsewhere.
         self._pending = iotlb._spaces[asid].view
         self._state = "open"
         self.sent: Plan | None = None
+
+    @property
+    def state(self) -> str:
+        """open, committed, aborted, or failed (the commit raised)."""
+        return self._state
 
     @property
     def pending(self) -> AddressMap:

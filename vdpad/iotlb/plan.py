@@ -110,6 +110,26 @@ def plan(units: Iterable[Mapping], target: AddressMap) -> Plan:
     return transition(units, kept + target.without(kept))
 
 
+def unmapped_meanwhile(units: Iterable[Mapping], work: Plan, target: AddressMap) -> tuple[tuple[int, int], ...]:
+    """The (iova, size) ranges `target` maps that `work`'s INVALIDATEs unmap before its UPDATEs map them again.
+
+    A device that applies each message as it is written may reach those bytes
+    in between and find nothing there; a device that takes a batch as one
+    switch (set_map) never sees the gap.
+    """
+    after = set(work.units)
+    removed = [u for u in _sorted(units) if u not in after]
+    spans: list[tuple[int, int]] = []
+    for unit in removed:
+        for entry in target.overlapping(unit.iova, unit.size):
+            start, end = max(unit.iova, entry.iova), min(unit.end, entry.end)
+            if spans and spans[-1][1] >= start:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+            else:
+                spans.append((start, end))
+    return tuple((start, end - start) for start, end in spans)
+
+
 def replay(units: Iterable[Mapping], target: AddressMap) -> Plan:
     """After a reset that emptied the device's map: send `target` again.
 
