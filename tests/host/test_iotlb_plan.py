@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from vdpad.device.iotlb_msg import IotlbMessage, MessageType
 from vdpad.iotlb import PAGE_SIZE, AddressMap, Mapping, MemoryRegion, Perm
-from vdpad.iotlb.plan import after_invalidate, after_update, plan, replay, transition
+from vdpad.iotlb.plan import after_invalidate, after_update, plan, replay, transition, unmapped_meanwhile
 
 P = PAGE_SIZE
 SPAN = 48  # pages of IOVA space the maps are drawn in
@@ -271,3 +271,31 @@ def test_freeing_units_at_both_ends_of_the_iova_space_fits_one_message():
     apply(kernel, work)
     assert kernel.entries == [] and work.units == ()
     assert after_invalidate(units, 0, (1 << 64) - 1) == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(maps(), min_size=2, max_size=4), st.booleans(), st.randoms(use_true_random=False))
+def test_the_window_is_exactly_the_bytes_mapped_after_that_the_kernel_goes_without_meanwhile(sequence, pa_mode, rnd):
+    """Applied one message at a time (a dma_map parent), the model's translation loses exactly the
+    window's pages at some point between the commit's start and its end, and no others that stay mapped."""
+    kernel = KernelModel(rnd if pa_mode else None)
+    for units, target, work in commits(kernel, sequence):
+        window = {page for iova, size in unmapped_meanwhile(units, work, target) for page in range(iova, iova + size, P)}
+        replayed = KernelModel()
+        replayed.entries = [(u.iova, u.end, u.uaddr, u.perm) for u in units]
+        gone: set[int] = set()
+        for message in work.messages():
+            replayed.write(message)
+            gone |= set(translation(units)) - set(replayed.translation())
+        assert window == gone & set(translation(target))
+        spans = unmapped_meanwhile(units, work, target)
+        assert all(a[0] + a[1] < b[0] for a, b in zip(spans, spans[1:])), "spans sorted, apart, merged"
+
+
+def test_a_cut_live_entry_has_a_window_of_what_stays():
+    region = REGIONS[0]
+    units = (Mapping(0, 8 * P, region, 0, Perm.RW),)
+    target = AddressMap(units).unmapped(7 * P, P)
+    work = plan(units, target)
+    assert unmapped_meanwhile(units, work, target) == ((0, 7 * P),)
+    assert unmapped_meanwhile(work.units, plan(work.units, target), target) == ()  # nothing to do, no window

@@ -7,11 +7,15 @@ The API (stable; docs/iotlb.md explains the design)::
     region = MemoryRegion(16 << 20, "rings")          # memfd, MAP_SHARED, sealed
     dev.set_owner()                                    # the engine needs an owned fd
     iotlb = DeviceIotlb(dev, persist=True,             # acks MSG_V2, BATCH, ASID (+ IOTLB_PERSIST
-                        backend_features=BackendFeature.SUSPEND)  # when offered and persist) + extras
-    iotlb.persistent   # IOTLB_PERSIST acked: maps survive reset()
-    iotlb.as_num, iotlb.group_num, iotlb.iova_range, iotlb.acked
+                        backend_features=BackendFeature.SUSPEND)  # when offered and persist) + extras,
+                                                       # keeping what the fd acked before
+    iotlb.persistent   # IOTLB_PERSIST acked (now): maps survive reset()
+    iotlb.map_kind     # MapKind: set_map, dma_map, platform IOMMU (found from the node; None: unknown)
+    iotlb.atomic_batches   # a commit reaches the device as one switch (set_map + IOTLB_BATCH)
+    iotlb.as_num, iotlb.group_num, iotlb.iova_range, iotlb.acked, iotlb.open_batch
 
-    with iotlb.transaction(asid=0) as tx:              # commit on clean exit; exception: nothing sent
+    with iotlb.transaction(asid=0) as tx:              # commit on clean exit; exception: nothing sent;
+                                                        # allow_window=True: see "window" below
         tx.map(iova, region, offset, size, perm=Perm.RW)   # each op checked at once: InvalidArgument
         tx.unmap(iova, size)                            # may cut entries in two
     tx.sent                                             # the Plan that was sent (falsy if nothing)
@@ -20,7 +24,8 @@ The API (stable; docs/iotlb.md explains the design)::
     iotlb.unmap(asid, iova, size)                               # -> Plan
     view = iotlb.space(asid)       # SpaceView: .entries (Mapping: iova, size, end, region, offset,
                                    # perm, uaddr), .lookup(iova), .units (kernel entries as sent),
-                                   # .passthrough, .in_sync
+                                   # .initial (the parent's initial map), .in_sync
+    iotlb.mappings_of(region)      # where the kernel maps it now (MemoryRegion.close refuses meanwhile)
     iotlb.set_group_asid(group, asid)    # e.g. net cvq: group 1 -> AS 1; re-applied by reset()
     iotlb.reset()        # SET_STATUS(0); afterwards every AS translates as before: kept by the
                          # kernel (PERSIST: zero IOTLB messages) or replayed (one batch per AS)
@@ -39,9 +44,14 @@ kernel refuses a message: what had been sent is undone first (in the same
 batch), so the kernel holds exactly what it held; RollbackError if the undo
 is refused too.
 
+Window: on a parent that applies each message at once (not set_map + BATCH),
+a commit that unmaps bytes which stay mapped, while the device runs, is
+wrapped in SUSPEND/RESUME when both are acked, and refused naming the window
+otherwise (unless allow_window). docs/iotlb.md has the table per parent.
+
 Threads and trio: the engine is thread-safe (one lock). A write that pins
 pages (PA mode) blocks, so from a trio task use the async variants, which
-run in a worker thread: `async with iotlb.atransaction(asid) as tx`,
+run in the device's worker lane, in call order: `async with iotlb.atransaction(asid) as tx`,
 `await iotlb.amap(...)`, `aunmap`, `areset`, `aset_group_asid`.
 """
 
