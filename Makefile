@@ -10,7 +10,7 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-prepare demo bench clean
+.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench clean
 
 all: install
 
@@ -27,20 +27,25 @@ $(VENV)/.installed: pyproject.toml setup.py cffi_build/vhost_build.py
 	touch $@
 
 host-test: install
-	$(PY) -m pytest -m "not kernel" --junitxml=$(REPORTS)/host.xml tests
+	$(PY) -m pytest -m "not kernel and not vm_boot" --junitxml=$(REPORTS)/host.xml tests
 
 vm-prepare: install
 	$(HARNESS) prepare
 
+# The harness's own tests that boot QEMU, on the host (vm-test runs them first).
+vm-boot-test: vm-prepare
+	rm -f $(REPORTS)/vm-boot.xml
+	$(PY) -m pytest -m vm_boot --junitxml=$(REPORTS)/vm-boot.xml tests/vm
+
 # In the guest, hypothesis's plugin alone costs ~6 s of TCG start-up.
-vm-test: vm-prepare
+vm-test: vm-prepare vm-boot-test
 	rm -f $(REPORTS)/kernel.xml
 	$(HARNESS) run --collect $(REPORTS) -- sh -c "$(PY) -m pytest -m kernel \
 	  -p no:hypothesispytest -p no:cacheprovider --junitxml=\$$VDPAD_VM_OUT/kernel.xml \
 	  $(PYTEST_VM_ARGS) tests/kernel"
 
 test: vm-prepare host-test vm-test
-	@$(PY) -m tests.report host=$(REPORTS)/host.xml kernel=$(REPORTS)/kernel.xml
+	@$(PY) -m tests.report host=$(REPORTS)/host.xml vm-boot=$(REPORTS)/vm-boot.xml kernel=$(REPORTS)/kernel.xml
 
 demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad sh tests/vm/guest/demo.sh

@@ -1,4 +1,4 @@
-"""Test-wide rules: where kernel tests run, and that CI never skips them."""
+"""Test-wide rules: where kernel and VM boot tests run, and that CI never skips them."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ UNDER_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def pytest_collection_modifyitems(config, items):
-    if IN_VM:
-        return
     for item in items:
-        if "kernel" in item.keywords:
+        if "kernel" in item.keywords and not IN_VM:
             item.add_marker(pytest.mark.skip(
                 reason="needs a vdpa kernel: runs inside the VM (make test, or make vm-test)"))
+        if "vm_boot" in item.keywords and IN_VM:
+            item.add_marker(pytest.mark.skip(reason="boots QEMU: runs on the host (make vm-test)"))
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if UNDER_CI and report.skipped and "kernel" in item.keywords:
-        # Under CI a kernel test that did not run is a failure, never a skip.
+    kind = next((k for k in ("kernel", "vm_boot") if k in item.keywords), None)
+    if UNDER_CI and report.skipped and kind:
+        # Under CI a kernel or VM boot test that did not run is a failure, never a skip.
         report.outcome = "failed"
-        report.longrepr = f"kernel test skipped under CI: {report.longrepr}"
+        report.longrepr = f"{kind} test skipped under CI: {report.longrepr}"

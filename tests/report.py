@@ -1,6 +1,6 @@
 """Print one line per pytest run (from their JUnit XML files) and a closing total.
 
-    python -m tests.report host=FILE kernel=FILE
+    python -m tests.report host=FILE vm-boot=FILE kernel=FILE
 """
 
 from __future__ import annotations

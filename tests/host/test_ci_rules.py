@@ -43,3 +43,35 @@ def test_kernel_test_runs_in_vm(pytester, monkeypatch):
     monkeypatch.setenv("VDPAD_IN_VM", "1")
     _project(pytester)
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+VM_BOOT_TEST = """
+import pytest
+pytestmark = pytest.mark.vm_boot
+
+def test_boots_qemu():
+    assert True
+"""
+
+
+def _vm_boot_project(pytester):
+    shutil.copy(CONFTEST, pytester.path / "conftest.py")
+    pytester.makeini("[pytest]\nmarkers =\n    vm_boot: boots QEMU on the host\n")
+    pytester.makepyfile(test_vm_boot=VM_BOOT_TEST)
+
+
+def test_vm_boot_test_runs_on_the_host(pytester, monkeypatch):
+    monkeypatch.delenv("VDPAD_IN_VM", raising=False)
+    _vm_boot_project(pytester)
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_vm_boot_test_skip_in_the_guest_fails_under_ci(pytester, monkeypatch):
+    monkeypatch.setenv("VDPAD_IN_VM", "1")
+    monkeypatch.delenv("CI", raising=False)
+    _vm_boot_project(pytester)
+    pytester.runpytest_subprocess().assert_outcomes(skipped=1)
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*vm_boot test skipped under CI*"])

@@ -7,21 +7,18 @@ import os
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from tests.privilege import run_cli
 from vdpad.cli import main
 from vdpad.device import VhostVdpa
 from vdpad.mgmt import VdpaNetlink
 
 pytestmark = pytest.mark.kernel
-
-VDPAD = str(Path(sys.executable).with_name("vdpad"))
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def vdpad(*args: str) -> tuple[int, str, str]:
@@ -215,17 +212,15 @@ def test_missing_driver_module_is_named_before_anything_is_made(clean):
 
 
 def test_without_cap_net_admin(clean):
-    proc = subprocess.run([*NOBODY, VDPAD, "attach", "cli-net3", "-m", "vdpasim_net"],
-                          capture_output=True, text=True)
+    proc = run_cli(["attach", "cli-net3", "-m", "vdpasim_net"])
     assert proc.returncode == 5 and "CAP_NET_ADMIN" in proc.stderr and proc.stdout == ""
 
 
 def test_a_bind_that_fails_after_dev_new_deletes_the_device(clean):
     """CAP_NET_ADMIN without root: DEV_NEW works, the sysfs writes of binding do not."""
     subprocess.run(["modprobe", "virtio_vdpa"], check=True)
-    net_admin = [*NOBODY, "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]
-    proc = subprocess.run([*net_admin, VDPAD, "attach", "cli-net4", "-m", "vdpasim_net", "--driver", "virtio_vdpa"],
-                          capture_output=True, text=True, env=os.environ | {"VDPAD_LOG": "debug"})
+    proc = run_cli(["attach", "cli-net4", "-m", "vdpasim_net", "--driver", "virtio_vdpa"],
+                   capabilities=["CAP_NET_ADMIN"], env=os.environ | {"VDPAD_LOG": "debug"})
     assert proc.returncode == 5, proc.stderr
     assert "cmd=DEV_NEW" in proc.stderr and "cmd=DEV_DEL" in proc.stderr  # made, then undone
     assert "vdpad: unbinding cli-net4 from vhost_vdpa: Permission denied" in proc.stderr
@@ -251,13 +246,3 @@ def test_attach_with_an_unknown_feature_name_is_a_usage_error(clean):
     code, _, err = vdpad("attach", "cli-feat1", "--mgmtdev", "vdpasim_net", "--features", "VERSION_1,WARP_DRIVE")
     assert code == 2
     assert "unknown feature 'WARP_DRIVE'" in err
-
-
-def test_info_on_a_node_another_holder_has_open_is_busy(sim_device):
-    dev = sim_device("vdpasim_net")
-    with VhostVdpa(dev.node):
-        code, out, err = vdpad("info", str(dev.node))
-    assert (code, out) == (7, "")
-    assert f"cannot open {dev.node}" in err and "busy" in err.lower()
-    code, out, _ = vdpad("info", str(dev.node), "--json")
-    assert code == 0 and json.loads(out)["vqs"] == 3

@@ -15,7 +15,7 @@ import structlog
 from tests.sim import debug_logging
 from vdpad.device import (
     Access, BackendFeature, GuestRegion, InvalidArgument, IotlbMessage, MessageType,
-    NetFeature, NotSupportedError, VhostError, VhostNet, VirtioFeature, VringAddr,
+    NetFeature, NotSupportedError, VhostError, VhostNet, VirtioFeature, VringAddr, VringEndian,
 )
 from vdpad.device.net import RX, TX
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion
@@ -117,6 +117,15 @@ def test_memory_table_vrings_and_tap_backend(vhost_net_node, memory, tap, eventf
             net.set_backend(RX, eventfds[0])  # an fd that is not a socket
         assert refused.value.errno == errno.ENOTSOCK
         assert f"NET_SET_BACKEND(index=0, fd={eventfds[0]})" in str(refused.value)
+
+
+def test_setting_a_legacy_ring_byte_order_is_not_in_this_kernel(vhost_net_node):
+    """Debian builds vhost without cross-endian legacy rings: SET_VRING_ENDIAN is ENOTTY, named as such."""
+    with VhostNet(vhost_net_node) as net:
+        net.set_owner()
+        with pytest.raises(NotSupportedError, match="SET_VRING_ENDIAN.*not supported by this kernel") as refused:
+            net.set_vring_endian(RX, VringEndian.BIG)
+        assert refused.value.errno == errno.ENOTTY
 
 
 def test_arguments_refused_before_the_syscall(vhost_net_node, memory):

@@ -1,0 +1,23 @@
+"""The VM harness against a real QEMU boot (on the host, under the VM lock: make vm-test runs these)."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+
+import pytest
+
+from tests.vm.harness import boot, prepare
+
+pytestmark = pytest.mark.vm_boot
+
+
+def test_guest_that_never_reports_is_255_with_the_console_tail(tmp_path):
+    """A kernel that cannot start init: the run fails, and says why."""
+    kernel, _ = prepare()
+    empty = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=b"", capture_output=True, check=True)
+    bogus = tmp_path / "empty.cpio.gz"
+    bogus.write_bytes(gzip.compress(empty.stdout))
+    result = boot(kernel, bogus, ["true"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 255
+    assert "Kernel panic" in result.console_tail()
