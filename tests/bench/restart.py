@@ -29,12 +29,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.sim import frames, sim_mode, vdpa_device
+from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
 from vdpad.device import MessageType, VhostVdpa
 from vdpad.iotlb import DeviceIotlb, MemoryRegion
 from vdpad.virtio import DmaArena, NetDriver
 
-IOVA = 0x1000_0000_0000
 DRIVER_WINDOW = 1 << 20  # each driver's rings and buffers: its own MiB at the start of the shared memory
 MIB = 1 << 20
 SETTLE_S = 0.2
@@ -89,11 +88,12 @@ def measure_mode(mode: str, sizes: list[int], repetitions: int) -> list[dict]:
                 iotlb = DeviceIotlb(dev, persist=persist)
                 if iotlb.persistent != persist:
                     raise RuntimeError(f"IOTLB_PERSIST {'not offered' if persist else 'acked anyway'} on {node}")
+                iova = iova_far_from_us(iotlb.iova_range, size)  # inside what this device can map
                 mapped = time.perf_counter()
-                iotlb.map(0, IOVA, memory, 0, size)
+                iotlb.map(0, iova, memory, 0, size)
                 map_ms = (time.perf_counter() - mapped) * 1e3
                 # Both devices map all of the memory; each driver keeps its rings in a MiB of its own.
-                arena = stack.enter_context(DmaArena(memory, IOVA + number * DRIVER_WINDOW,
+                arena = stack.enter_context(DmaArena(memory, iova + number * DRIVER_WINDOW,
                                                      offset=number * DRIVER_WINDOW, size=DRIVER_WINDOW))
                 net = stack.enter_context(NetDriver(dev, arena, queue_size=16))
                 net.start()

@@ -8,6 +8,7 @@ NotSupportedError) proves the call was refused before reaching the kernel.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import structlog
@@ -17,7 +18,7 @@ from vdpad.device import (
     Access, BackendFeature, CodecError, GuestRegion, InvalidArgument, IotlbMessage, IotlbWriteError,
     MessageType, NotSupportedError, Version, VhostError, VhostFd, VhostNet, VhostVdpa, VringAddr,
 )
-from vdpad.device.errors import raise_for
+from vdpad.device.errors import ENOTSUPP, raise_for, strerror
 
 NULL = "/dev/null"
 
@@ -45,6 +46,31 @@ def test_not_supported(code, who):
         raise_for(code, "SUSPEND", "/dev/vhost-vdpa-3")
     assert raised.value.errno == code
     assert str(raised.value) == f"SUSPEND on /dev/vhost-vdpa-3: not supported by {who}"
+
+
+def test_enotsupp_reads_as_what_it_means():
+    """524 is the kernel's ENOTSUPP: Python knows no name for it ("Unknown error 524")."""
+    assert "Unknown" in os.strerror(ENOTSUPP)  # why vdpad words it itself
+    assert strerror(ENOTSUPP).startswith("not supported (the kernel's ENOTSUPP, 524")
+    assert "not cache-coherent" in strerror(ENOTSUPP)
+    with pytest.raises(NotSupportedError) as raised:
+        raise_for(ENOTSUPP, "SET_STATUS", "/dev/vhost-vdpa-3", {"status": 0})
+    assert raised.value.errno == ENOTSUPP
+    assert str(raised.value) == "SET_STATUS(status=0) on /dev/vhost-vdpa-3: not supported by this device (ENOTSUPP)"
+    assert "Unknown" not in str(VhostError(ENOTSUPP, "IOTLB UPDATE", "/dev/v"))
+
+
+def test_an_open_refused_with_enotsupp_says_why(monkeypatch):
+    """No IOMMU here can refuse an open (vhost-vdpa does it for one that is not cache-coherent): os.open stands in."""
+    def refuse(path, flags, *args):
+        raise OSError(ENOTSUPP, os.strerror(ENOTSUPP), path)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(OSError) as raised:
+        VhostVdpa("/dev/vhost-vdpa-7")
+    assert raised.value.errno == ENOTSUPP
+    assert str(raised.value) == f"[Errno 524] cannot open /dev/vhost-vdpa-7: {strerror(ENOTSUPP)}"
+    assert "Unknown error" not in str(raised.value)
 
 
 def test_other_errnos_stay_vhost_errors():

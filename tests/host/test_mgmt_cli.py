@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from vdpad.cli import main
 from vdpad.cli.output import EXIT_CODES, exit_code, fields, table
-from vdpad.device.errors import InvalidArgument
+from vdpad.device.errors import ENOTSUPP, InvalidArgument, NotSupportedError
 from vdpad.mgmt import errors
 from vdpad.mgmt.binding import wait_until
 
@@ -60,6 +60,9 @@ def test_help_documents_every_exit_code():
     (errors.ModuleMissing("vdpa", "x"), 6),
     (errors.Busy(errno.EBUSY, "x"), 7),
     (errors.WaitTimeout(errno.ETIMEDOUT, "x"), 8),
+    (NotSupportedError("SUSPEND", "/dev/vhost-vdpa-0", errno=errno.EOPNOTSUPP), 6),
+    (NotSupportedError("GET_VRING_SIZE", "/dev/vhost-vdpa-0", errno=errno.ENOTTY), 6),
+    (OSError(ENOTSUPP, "cannot open /dev/vhost-vdpa-0: not supported"), 6),
     (errors.MgmtError(errno.EAGAIN, "x"), 1),
     (OSError(errno.EIO, "x"), 1),
 ])
@@ -108,3 +111,10 @@ def test_wait_until_names_what_did_not_appear():
 def test_wait_until_returns_what_appeared():
     calls = iter([None, None, "here"])
     assert wait_until(lambda: next(calls), 1.0, "x") == "here"
+
+
+def test_info_on_a_file_that_is_no_vhost_device_exits_6():
+    """/dev/null answers every ioctl with ENOTTY: the device layer's NotSupportedError, exit 6 as documented."""
+    result = CliRunner().invoke(main, ["info", "/dev/null"])
+    assert (result.exit_code, result.stdout) == (6, "")
+    assert result.stderr == "vdpad: SET_OWNER on /dev/null: not supported by this kernel\n"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_calls import CallRecorder
 from tests.sim import vdpa_device
+from tests.vduse import VduseBlk, load_vduse, vduse_blk
 
 pytestmark = pytest.mark.kernel
 
@@ -75,3 +77,32 @@ def vhost_net_node(sim_modules) -> Iterator[Path]:
     node = Path("/dev/vhost-net")
     _wait_for(node, "vhost-net")
     yield node
+
+
+@pytest.fixture(scope="session")
+def vduse_modules() -> None:
+    load_vduse()
+
+
+@pytest.fixture
+def vduse_device(vduse_modules) -> Iterator[VduseBlk]:
+    """A VDUSE virtio-blk device (qemu-storage-daemon, 16 MiB file) bound to vhost_vdpa; gone after the test."""
+    with vduse_blk(f"vd{os.getpid() % 1000}x{next(_names)}") as device:
+        yield device
+
+
+# -- every public device method meets the kernel ----------------------------------
+CALLS_CHECK = "test_device_calls.py"  # checks what the whole session called, so it runs last
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name == CALLS_CHECK)  # stable: the others keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device_calls() -> Iterator[CallRecorder]:
+    """The device classes' public methods, wrapped for the session to note which ones the tests call."""
+    recorder = CallRecorder()
+    recorder.install()
+    yield recorder
+    recorder.uninstall()

@@ -43,6 +43,7 @@ CACHE = Path(os.environ.get("VDPAD_VM_CACHE", REPO / ".vm")).resolve()
 # Host tools the stages call, by the command that shows each is there.
 HOST_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-storage-daemon": "qemu-system-common",  # serves the VDUSE blk device of the kernel tests (tests/vduse.py)
     "cpio": "cpio",
     "depmod": "kmod",
     "vdpa": "iproute2",

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vdpad.device.errors import InvalidArgument
+from vdpad.device.errors import ENOTSUPP, InvalidArgument, NotSupportedError
 from vdpad.mgmt.errors import AlreadyExists, Busy, NotFound, NotSupported, PermissionDenied, WaitTimeout
 
 # Exit codes scripts can rely on; click's own usage errors exit with 2 as well.
@@ -28,7 +28,7 @@ EXIT_CODES = (
 )
 _BY_KIND: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidArgument, 2), (NotFound, 3), (FileNotFoundError, 3), (AlreadyExists, 4), (PermissionDenied, 5), (PermissionError, 5),
-    (NotSupported, 6), (Busy, 7), (WaitTimeout, 8),
+    (NotSupported, 6), (NotSupportedError, 6), (Busy, 7), (WaitTimeout, 8),
 )
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
 
@@ -38,6 +38,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def exit_code(error: BaseException) -> int:
     if isinstance(error, OSError) and error.errno == errno.EBUSY and error.filename is None:
         return 7  # vhost-vdpa allows one open: another process has the node
+    if isinstance(error, OSError) and error.errno == ENOTSUPP:
+        return 6  # e.g. opening a node behind an IOMMU that is not cache-coherent
     return next((code for kind, code in _BY_KIND if isinstance(error, kind)), 1)
 
 

@@ -6,6 +6,18 @@ import errno as _errno
 import os
 
 
+# The kernel's own ENOTSUPP (include/linux/errno.h), which userspace headers and Python do not name.
+# vhost-vdpa's open answers it when the parent's DMA sits behind an IOMMU that is not cache-coherent.
+ENOTSUPP = 524
+_STRERROR = {ENOTSUPP: "not supported (the kernel's ENOTSUPP, 524: for a vhost-vdpa open, the device sits "
+                       "behind an IOMMU that is not cache-coherent)"}
+
+
+def strerror(errno: int) -> str:
+    """os.strerror, with words for the kernel-internal errnos that reach userspace ("Unknown error 524")."""
+    return _STRERROR.get(errno) or os.strerror(errno)
+
+
 # Addresses, sizes and bit masks read best in hex; indexes, fds and counts in decimal.
 _HEX = frozenset({"iova", "size", "uaddr", "desc", "avail", "used", "log", "address", "features", "flags"})
 
@@ -26,7 +38,7 @@ class VhostError(OSError):
 
     def __init__(self, errno: int, op: str, device: str, args: dict[str, object] | None = None):
         self.op, self.device, self.args_shown = op, device, dict(args or {})
-        super().__init__(errno, f"{_describe(op, device, self.args_shown)} failed: {os.strerror(errno)}")
+        super().__init__(errno, f"{_describe(op, device, self.args_shown)} failed: {strerror(errno)}")
 
     def __str__(self) -> str:  # OSError's own adds "[Errno N]" before a message that already explains
         return self.strerror
@@ -43,9 +55,9 @@ class IotlbWriteError(VhostError):
 
 
 class NotSupportedError(VhostError):
-    """ENOTTY: the running kernel does not know this ioctl; EOPNOTSUPP: the device lacks the operation."""
+    """ENOTTY: the running kernel does not know this ioctl; EOPNOTSUPP or ENOTSUPP: the device lacks the operation."""
 
-    _WHO = {_errno.ENOTTY: "this kernel", _errno.EOPNOTSUPP: "this device"}
+    _WHO = {_errno.ENOTTY: "this kernel", _errno.EOPNOTSUPP: "this device", ENOTSUPP: "this device (ENOTSUPP)"}
 
     def __init__(self, op: str, device: str, args: dict[str, object] | None = None, errno: int = _errno.ENOTTY):
         super().__init__(errno, op, device, args)
