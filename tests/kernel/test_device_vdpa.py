@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import gc
 import json
 import os
 import platform
@@ -14,11 +17,14 @@ import pytest
 import structlog
 
 from tests.sim import debug_logging, sim_mode, vdpa_device
+from vdpad._uapi import lib
 from vdpad.device import (
     Access, BackendFeature, BlkFeature, DeviceStatus, InvalidArgument, IotlbMessage, IotlbWriteError,
-    MessageType, NetFeature, NotSupportedError, VhostError, VhostVdpa, VirtioFeature, VringAddr, VringEndian,
+    MessageType, NetFeature, NotSupportedError, VhostError, VhostVdpa, VirtioFeature, VringAddr,
 )
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion
+from vdpad.mgmt import Driver, NotFound, VdpaNetlink, attach, detach
+from vdpad.mgmt.binding import holders
 
 pytestmark = pytest.mark.kernel
 
@@ -297,32 +303,71 @@ def test_vring_size_without_batch_mapping(sim_modules, mgmtdev, memory):
         fd.set_status(0)
 
 
-def test_vring_endian_and_busyloop(sim):
+def raw_ioctl(fd: VhostVdpa, request: int, arg: bytes) -> bytes:
+    """The ioctl without the device layer: what vhost-vdpa answers to calls VhostVdpa does not offer."""
+    buffer = bytearray(arg)
+    fcntl.ioctl(fd.fileno(), request, buffer)
+    return bytes(buffer)
+
+
+def vring_state(index: int, num: int = 0) -> bytes:
+    return struct.pack("=II", index, num)  # struct vhost_vring_state
+
+
+def test_no_vring_endian(sim):
+    """VhostVdpa has no endian methods: vhost-vdpa devices are modern (little-endian) only."""
     dev, _ = sim
     with VhostVdpa(dev.node) as fd:
         fd.set_owner()
-        fd.set_vring_busyloop_timeout(0, 50)
-        assert fd.get_vring_busyloop_timeout(0) == 50
-        if kernel_config("CONFIG_VHOST_CROSS_ENDIAN_LEGACY") == "y":
-            fd.set_vring_endian(0, VringEndian.BIG)
-            assert fd.get_vring_endian(0) is VringEndian.BIG
-        else:
-            with pytest.raises(NotSupportedError, match="SET_VRING_ENDIAN.*not supported by this kernel"):
-                fd.set_vring_endian(0, VringEndian.BIG)
-            with pytest.raises(NotSupportedError, match="GET_VRING_ENDIAN.*not supported by this kernel"):
-                fd.get_vring_endian(0)
+        for request in (lib.VHOST_SET_VRING_ENDIAN, lib.VHOST_GET_VRING_ENDIAN):
+            if kernel_config("CONFIG_VHOST_CROSS_ENDIAN_LEGACY") == "y":
+                raw_ioctl(fd, request, vring_state(0, lib.VHOST_VRING_LITTLE_ENDIAN))
+            else:
+                with pytest.raises(OSError) as refused:
+                    raw_ioctl(fd, request, vring_state(0, lib.VHOST_VRING_LITTLE_ENDIAN))
+                assert refused.value.errno == errno.ENOTTY
+
+
+def test_busyloop_timeout_is_stored_and_unused(sim):
+    """VhostVdpa has no busyloop methods: vhost core keeps the value, but only vhost-net's worker polls."""
+    dev, _ = sim
+    with VhostVdpa(dev.node) as fd:
+        fd.set_owner()
+        raw_ioctl(fd, lib.VHOST_SET_VRING_BUSYLOOP_TIMEOUT, vring_state(0, 50))
+        assert raw_ioctl(fd, lib.VHOST_GET_VRING_BUSYLOOP_TIMEOUT, vring_state(0)) == vring_state(0, 50)
 
 
 def test_no_dirty_log(sim):
-    """vhost-vdpa leaves dirty tracking to the device: its log ioctls are unknown."""
+    """VhostVdpa has no log methods: vhost-vdpa leaves dirty tracking to the device, and refuses the ioctls."""
     dev, _ = sim
     with VhostVdpa(dev.node) as fd:
         fd.set_owner()
-        with pytest.raises(NotSupportedError, match=r"SET_LOG_BASE\(address=0x1000\) .*not supported by this kernel"):
-            fd.set_log_base(0x1000)
-        with pytest.raises(NotSupportedError) as refused:
-            fd.set_log_fd(None)
-        assert refused.value.errno == errno.ENOTTY
+        for request, arg in ((lib.VHOST_SET_LOG_BASE, struct.pack("=Q", 0x1000)),
+                             (lib.VHOST_SET_LOG_FD, struct.pack("=i", -1))):
+            with pytest.raises(OSError) as refused:
+                raw_ioctl(fd, request, arg)
+            assert refused.value.errno == errno.ENOTTY
+
+
+def test_an_fd_dropped_open_is_closed_so_detach_succeeds(sim_modules):
+    """Without the owner's close on collection the node would stay open and detach be refused (or hang)."""
+    name = f"drop{os.getpid() % 1000}"
+    with VdpaNetlink() as nl:
+        node = attach(nl, name, "vdpasim_net", driver=Driver.VHOST_VDPA).binding.node
+        try:
+            fd = VhostVdpa(node)
+            fd.set_owner()
+            assert os.getpid() in holders(node)
+            with pytest.warns(ResourceWarning, match=f"unclosed VhostVdpa {node}"):
+                del fd
+                gc.collect()
+            assert holders(node) == []
+            detach(nl, name)
+            with pytest.raises(NotFound):
+                nl.device(name)
+        finally:
+            with contextlib.suppress(NotFound):
+                detach(nl, name)
 
 
 def test_vring_arguments_refused_before_the_syscall(sim, kernel_events):

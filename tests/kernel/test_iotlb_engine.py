@@ -58,8 +58,9 @@ def kinds(trace) -> list[tuple]:
 
 @pytest.fixture
 def net(vdpa_net):
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(64 * P, "a") as a, MemoryRegion(64 * P, "b") as b, \
-            MemoryRegion(P, "scratch") as scratch:
+    # The regions outlive the fd: a region the device still maps refuses to close.
+    with MemoryRegion(64 * P, "a") as a, MemoryRegion(64 * P, "b") as b, MemoryRegion(P, "scratch") as scratch, \
+            VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         yield dev, DeviceIotlb(dev), a, b, scratch
 
@@ -239,7 +240,7 @@ def test_reset_with_persistence_sends_nothing_and_the_kernel_keeps_the_map(net):
 
 def test_vhost_vdpa_keeps_its_entries_across_a_reset_even_without_persistence(vdpa_net):
     """Why replay invalidates first: SET_STATUS(0) empties the device's map, not vhost-vdpa's."""
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(4 * P, "a") as a, MemoryRegion(P, "scratch") as scratch:
+    with MemoryRegion(4 * P, "a") as a, MemoryRegion(P, "scratch") as scratch, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=False)
         iotlb.map(0, BASE, a, 0, 4 * P)
@@ -248,7 +249,7 @@ def test_vhost_vdpa_keeps_its_entries_across_a_reset_even_without_persistence(vd
 
 
 def test_reset_without_persistence_replays_every_address_space(vdpa_net):
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(64 * P, "a") as a, MemoryRegion(P, "scratch") as scratch:
+    with MemoryRegion(64 * P, "a") as a, MemoryRegion(P, "scratch") as scratch, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=False)
         assert BackendFeature.IOTLB_PERSIST not in iotlb.acked
@@ -273,7 +274,7 @@ def test_reset_without_persistence_replays_every_address_space(vdpa_net):
 
 def test_replay_of_an_emptied_space_maps_and_unmaps_one_page(vdpa_net):
     """What the replay sends (test_traffic_net.py shows on the device that the space is empty)."""
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(4 * P, "a") as a:
+    with MemoryRegion(4 * P, "a") as a, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=False)
         iotlb.map(1, BASE, a, 0, 4 * P)
@@ -292,8 +293,8 @@ def test_replay_of_an_emptied_space_maps_and_unmaps_one_page(vdpa_net):
 
 def test_cvq_group_in_address_space_1_with_its_own_map(vdpa_net):
     # Debug logging from the open on: the SET_GROUP_ASID ioctls are seen as events.
-    with debug_logging(), VhostVdpa(vdpa_net.node) as dev, MemoryRegion(8 * P, "a") as a, \
-            MemoryRegion(8 * P, "b") as b, MemoryRegion(P, "scratch") as scratch:
+    with debug_logging(), MemoryRegion(8 * P, "a") as a, MemoryRegion(8 * P, "b") as b, \
+            MemoryRegion(P, "scratch") as scratch, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev)
         cvq_group = dev.get_vring_group(CVQ)
@@ -315,7 +316,7 @@ def test_cvq_group_in_address_space_1_with_its_own_map(vdpa_net):
 
 
 def test_blk_has_one_address_space(vdpa_blk):
-    with VhostVdpa(vdpa_blk.node) as dev, MemoryRegion(4 * P, "a") as a:
+    with MemoryRegion(4 * P, "a") as a, VhostVdpa(vdpa_blk.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev)
         assert iotlb.as_num == 1
@@ -529,3 +530,45 @@ def test_a_region_mapped_through_a_closed_fd_may_close(vdpa_net):
     dev.close()  # the kernel unmapped everything with the fd
     gc.collect()
     region.close()
+
+
+def test_a_map_racing_a_close_waits_and_is_refused_instead_of_mapping_freed_memory(net):
+    """close() holds every mapper's lock from its question to the end: a commit cannot slip in between."""
+    dev, iotlb, _, _, scratch = net
+    region = MemoryRegion(4 * P, "racing")
+    iotlb.map(0, BASE, region, 0, P)
+    iotlb.unmap(0, BASE, P)  # the engine is one of the region's mappers now, mapping nothing of it
+    asked, go_on = threading.Event(), threading.Event()
+
+    class SlowMapper:  # a second mapper that answers slowly: close() is between question and answer
+        def mappings_of(self, _region):
+            asked.set()
+            go_on.wait(10)
+            return []
+
+        def holding(self):
+            return threading.Lock()
+
+    slow = SlowMapper()
+    region.add_mapper(slow)
+    closer = threading.Thread(target=region.close)
+    closer.start()
+    assert asked.wait(10)
+    outcome: list[object] = []
+    mapper = threading.Thread(target=lambda: outcome.append(_try(lambda: iotlb.map(0, BASE, region, 0, P))))
+    mapper.start()
+    mapper.join(0.5)
+    assert mapper.is_alive(), "the map went ahead while close() was deciding"
+    go_on.set()
+    closer.join(10)
+    mapper.join(10)
+    assert region.closed
+    assert isinstance(outcome[0], InvalidArgument) and "closed region" in str(outcome[0])
+    assert not iotlb.space(0).entries and not occupied(dev, scratch, BASE)
+
+
+def _try(call):
+    try:
+        return call()
+    except Exception as error:  # noqa: BLE001 - the test looks at what came back
+        return error

@@ -14,7 +14,7 @@ from vdpad.device import DeviceStatus, InvalidArgument, VhostVdpa
 from vdpad.mgmt import (
     AlreadyExists, MgmtError, ModuleMissing, NotFound, NotSupported, VdpaNetlink, aio, attach, detach,
 )
-from vdpad.mgmt.model import BLOCK, NET
+from vdpad.device.flags import VirtioDeviceId
 
 pytestmark = pytest.mark.kernel
 
@@ -53,8 +53,8 @@ def test_mgmtdev_dump_and_single_agree_with_sysfs(nl):
     dumped = {m.handle: m for m in nl.mgmtdevs()}
     assert {"vdpasim_net", "vdpasim_blk"} <= set(dumped)
     net, blk = dumped["vdpasim_net"], dumped["vdpasim_blk"]
-    assert (net.bus, net.classes, net.max_vqs, net.supported_features) == (None, (NET,), 3, SIM_NET_FEATURES)
-    assert (blk.classes, blk.max_vqs, blk.supported_features) == ((BLOCK,), 0, 0)
+    assert (net.bus, net.classes, net.max_vqs, net.supported_features) == (None, (VirtioDeviceId.NET,), 3, SIM_NET_FEATURES)
+    assert (blk.classes, blk.max_vqs, blk.supported_features) == ((VirtioDeviceId.BLOCK,), 0, 0)
     for handle, record in dumped.items():
         assert nl.mgmtdev(handle) == record
 
@@ -90,7 +90,7 @@ def test_net_config_carries_what_dev_new_asked(nl, made):
     nl.new_device("nl-net1", "vdpasim_net", mac="02:AB:00:00:10:02", mtu=9000)
     made.append("nl-net1")
     config = nl.config("nl-net1")
-    assert (config.device_id, config.features, config.negotiated_features) == (NET, SIM_NET_FEATURES, None)
+    assert (config.device_id, config.features, config.negotiated_features) == (VirtioDeviceId.NET, SIM_NET_FEATURES, None)
     assert config.net.mac == "02:ab:00:00:10:02"
     assert config.net.mtu == 9000
     assert config.net.link_up is True  # vdpa_sim sets VIRTIO_NET_S_LINK_UP
@@ -117,7 +117,7 @@ def test_blk_config_matches_the_vhost_fd(sim_device, nl):
     blk_size, phys_exp, align, min_io, opt_io = struct.unpack_from("<IBBHI", space, 20)
     num_queues, max_disc, max_disc_seg, disc_align, max_wz, max_wz_seg = struct.unpack_from("<HIIIII", space, 34)
     blk = config.blk
-    assert config.device_id == BLOCK and config.net is None
+    assert config.device_id == VirtioDeviceId.BLOCK and config.net is None
     assert (blk.capacity, blk.size_max, blk.seg_max, blk.blk_size) == (capacity, size_max, seg_max, blk_size)
     assert (blk.physical_block_exp, blk.alignment_offset, blk.min_io_size, blk.opt_io_size) == (
         phys_exp, align, min_io, opt_io)

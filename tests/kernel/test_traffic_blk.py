@@ -30,7 +30,7 @@ def mode(request, sim_modules) -> Iterator[str]:
 def test_sectors_survive_a_reset(mode, vdpa_blk, persist):
     # Writes bigger than one request and at scattered sectors, so segmenting and offsets are exercised.
     writes = {0: os.urandom(3 * SECTOR), 77: os.urandom(200 * SECTOR), 100_000: os.urandom(8 * SECTOR)}
-    with debug_logging(), VhostVdpa(vdpa_blk.node) as dev, MemoryRegion(REGION_SIZE, "blk") as region:
+    with debug_logging(), MemoryRegion(REGION_SIZE, "blk") as region, VhostVdpa(vdpa_blk.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=persist)
         assert iotlb.persistent == persist
@@ -58,7 +58,7 @@ def test_sectors_survive_a_reset(mode, vdpa_blk, persist):
 def test_requests_fit_a_small_ring(vdpa_blk):
     """With 16 descriptors a request carries at most 14 data segments: 64 KiB moves in several."""
     data = os.urandom(128 * SECTOR)
-    with VhostVdpa(vdpa_blk.node) as dev, MemoryRegion(REGION_SIZE, "blk") as region:
+    with MemoryRegion(REGION_SIZE, "blk") as region, VhostVdpa(vdpa_blk.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev)
         iova = iova_far_from_us(iotlb.iova_range, REGION_SIZE)

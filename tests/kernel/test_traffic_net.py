@@ -57,11 +57,12 @@ def open_net(mode, vdpa_net):
     with debug_logging(), ExitStack() as stack:
 
         def make(*, persist: bool, cvq: bool = False, extra: BackendFeature = BackendFeature(0)) -> NetRig:
+            # The regions outlive the fd: a region the device still maps refuses to close.
+            data = stack.enter_context(MemoryRegion(REGION_SIZE, "net-data"))
+            ctrl = stack.enter_context(MemoryRegion(16 * PAGE_SIZE, "net-ctrl")) if cvq else None
             dev = stack.enter_context(VhostVdpa(vdpa_net.node))
             dev.set_owner()
             iotlb = DeviceIotlb(dev, persist=persist, backend_features=extra)
-            data = stack.enter_context(MemoryRegion(REGION_SIZE, "net-data"))
-            ctrl = stack.enter_context(MemoryRegion(16 * PAGE_SIZE, "net-ctrl")) if cvq else None
             # Far from our own addresses: a device that fell back to its 1:1 map (VA mode) finds nothing there.
             data_iova = iova_far_from_us(iotlb.iova_range, REGION_SIZE)
             iotlb.map(0, data_iova, data, 0, data.size)
@@ -200,7 +201,7 @@ def test_an_emptied_space_translates_nothing_after_a_replay(open_net):
 @pytest.mark.parametrize("mode", ["va", "va-dma_map"], indirect=True)
 def test_the_probe_moves_frames_through_the_initial_passthrough_map(mode, vdpa_net):
     """The control for the test above: on a device nothing was mapped on, the same probe works."""
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(REGION_SIZE, "probe") as data:
+    with MemoryRegion(REGION_SIZE, "probe") as data, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         with DmaArena(data, data.address) as identity, NetDriver(dev, identity) as probe:
             probe.start()

@@ -23,8 +23,8 @@ def pa_mode(sim_modules) -> Iterator[None]:
 
 
 def test_kernel_refused_commit_rolls_back_and_traffic_continues(pa_mode, vdpa_net):
-    with VhostVdpa(vdpa_net.node) as dev, MemoryRegion(MIB, "data") as data, \
-            MemoryRegion(MIB, "other") as other, MemoryRegion(8 * MIB, "big") as big:
+    with MemoryRegion(MIB, "data") as data, MemoryRegion(MIB, "other") as other, \
+            MemoryRegion(8 * MIB, "big") as big, VhostVdpa(vdpa_net.node) as dev:
         dev.set_owner()
         iotlb = DeviceIotlb(dev, persist=True)
         iova = iova_far_from_us(iotlb.iova_range, 24 * MIB)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict
 from typing import Any
 
@@ -9,6 +10,7 @@ import click
 
 from vdpad.cli.output import emit_json, fields, reports_errors, table
 from vdpad.device import flags
+from vdpad.device.flags import VirtioDeviceId
 from vdpad.mgmt import binding, lifecycle, model
 from vdpad.mgmt.binding import Binding, Driver
 from vdpad.mgmt.errors import NotFound
@@ -16,6 +18,50 @@ from vdpad.mgmt.model import Device, DeviceConfig, MgmtDev, QueueStats
 from vdpad.mgmt.netlink import VdpaNetlink
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+
+# What a --features name may be: "" (no prefix) looks in every kind.
+_FEATURE_KINDS: dict[str, tuple[type[enum.IntFlag], ...]] = {
+    "": (flags.VirtioFeature, flags.NetFeature, flags.BlkFeature),
+    "net": (flags.VirtioFeature, flags.NetFeature),
+    "blk": (flags.VirtioFeature, flags.BlkFeature),
+}
+
+
+def parse_features(text: str) -> int:
+    """A feature mask from a number (0x.., 0b.., decimal) or names joined by commas.
+
+    Names are those describe() prints (VERSION_1, MAC, FLUSH, bit40); one that
+    net and blk both define with different bits (MQ) takes a prefix: net.MQ, blk.MQ.
+    """
+    text = text.strip()
+    try:
+        value = int(text, 0)
+    except ValueError:
+        pass
+    else:
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"features {text!r} does not fit in 64 bits")
+        return value
+    mask = 0
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        kind, _, name = word.rpartition(".")
+        if kind.lower() not in _FEATURE_KINDS:
+            raise ValueError(f"feature {word!r}: prefix {kind!r} is not net or blk")
+        mask |= _feature_bit(name.upper(), kind.lower(), word)
+    if not mask:
+        raise ValueError(f"no feature in {text!r}: give a number (0x...) or names (VERSION_1,MAC)")
+    return mask
+
+
+def _feature_bit(name: str, kind: str, word: str) -> int:
+    if name.startswith("BIT") and name[3:].isdigit() and int(name[3:]) < 64:
+        return 1 << int(name[3:])
+    bits = {int(k[name]) for k in _FEATURE_KINDS[kind] if name in k.__members__}
+    if not bits:
+        raise ValueError(f"unknown feature {word!r} (names as `vdpad mgmtdev list` prints them, or bitN)")
+    if len(bits) > 1:
+        raise ValueError(f"feature {word!r} means different bits for net and blk: write net.{name} or blk.{name}")
+    return bits.pop()
 
 
 class Features(click.ParamType):
@@ -27,7 +73,7 @@ class Features(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return flags.parse_features(value)
+            return parse_features(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
@@ -35,7 +81,7 @@ class Features(click.ParamType):
 def feature_names(features: int | None, device_id: int) -> list[str] | None:
     if features is None:
         return None
-    kinds = {model.NET: (flags.NetFeature,), model.BLOCK: (flags.BlkFeature,)}.get(device_id, ())
+    kinds = {VirtioDeviceId.NET: (flags.NetFeature,), VirtioDeviceId.BLOCK: (flags.BlkFeature,)}.get(device_id, ())
     return flags.describe(features, flags.VirtioFeature, *kinds)
 
 
@@ -45,7 +91,8 @@ def _hex(value: int | None) -> str | None:
 
 # -- records as JSON-ready dicts ---------------------------------------------------
 def mgmtdev_record(m: MgmtDev) -> dict[str, Any]:
-    kinds = [flags.NetFeature] if model.NET in m.classes else [flags.BlkFeature] if model.BLOCK in m.classes else []
+    kinds = ([flags.NetFeature] if VirtioDeviceId.NET in m.classes
+             else [flags.BlkFeature] if VirtioDeviceId.BLOCK in m.classes else [])
     return {
         "mgmtdev": m.handle, "bus": m.bus, "name": m.name,
         "classes": [model.class_name(c) for c in m.classes], "max_vqs": m.max_vqs,

@@ -9,10 +9,12 @@ from typing import Any
 import structlog
 
 from vdpad._uapi import ffi, lib
-from vdpad.device.errors import InvalidArgument, raise_for
+from vdpad.device.errors import InvalidArgument, raise_for, strerror
+from vdpad.device.owned import OwnedFd
 
 log = structlog.get_logger("vdpad.device")
 
+# The largest values of the uapi's __u32 and __u64 fields.
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
 
@@ -27,26 +29,24 @@ class FdCore:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as error:
-            raise type(error)(error.errno, f"cannot open {self.path}: {error.strerror}") from None
-        self._closed = False
+            raise type(error)(error.errno, f"cannot open {self.path}: {strerror(error.errno)}") from None
+        self._owned = OwnedFd(fd, f"{type(self).__name__} {self.path}")
         self._log = log.bind(device=self.path)
 
     # -- life cycle ------------------------------------------------------
     def fileno(self) -> int:
-        if self._closed:
-            raise ValueError(f"{self.path} is closed")
-        return self._fd
+        """The fd's number (ValueError once closed); the calls below hold it open while they run."""
+        return self._owned.fileno()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._owned.closed
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
+        """Close once. A call another thread has in flight keeps the fd until it returns; later calls raise."""
+        if self._owned.close():
             self._log.debug("close")
 
     def __enter__(self):
@@ -56,14 +56,14 @@ class FdCore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path}{' closed' if self._closed else ''}>"
+        return f"<{type(self).__name__} {self.path}{' closed' if self.closed else ''}>"
 
     # -- the raw call ----------------------------------------------------
     def _ioctl(self, op: str, request: int, arg: Any = ffi.NULL, **shown: object) -> int:
-        fd = self.fileno()
-        # SAFETY: `arg` is NULL or a cffi object of the struct/size the
-        # request encodes, alive for the duration of the call.
-        rc = lib.vdpad_ioctl_ptr(fd, request, arg)
+        with self._owned.use() as fd:
+            # SAFETY: `arg` is NULL or a cffi object of the struct/size the
+            # request encodes, alive for the duration of the call.
+            rc = lib.vdpad_ioctl_ptr(fd, request, arg)
         if rc < 0:
             err = ffi.errno
             self._log.debug("ioctl", op=op, request=hex(request), **shown, errno=errno.errorcode.get(err, err))

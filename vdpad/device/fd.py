@@ -1,4 +1,4 @@
-"""What every vhost character device shares: ownership, features, vrings, dirty log, IOTLB writes."""
+"""What every vhost character device serves (ownership, features, vrings, IOTLB writes), and the dirty log."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["DirtyLog", "VhostFd", "VringAddr", "VringEndian"]
 
 
 class DirtyLog(FdCore):
-    """The dirty-page log for live migration (vhost core devices; vhost-vdpa has none)."""
+    """The dirty-page log for live migration (vhost core devices; vhost-vdpa leaves it to the device)."""
 
     def set_log_base(self, address: int) -> None:
         """Userspace address of the log bitmap, one bit per page written."""
@@ -22,5 +22,9 @@ class DirtyLog(FdCore):
         self._set_fd("SET_LOG_FD", lib.VHOST_SET_LOG_FD, fd)
 
 
-class VhostFd(IotlbWriter, Vrings, DirtyLog):
-    """One open vhost character device. Closed exactly once; a context manager."""
+class VhostFd(IotlbWriter, Vrings):
+    """One open vhost character device, with what every kind serves. Closed exactly once; a context manager.
+
+    Each kind adds the concerns its kernel driver serves (docs/kernel-notes.md
+    has what vhost-vdpa refuses).
+    """

@@ -1,4 +1,4 @@
-"""Named flags for what the kernel reports as bits: device status and features."""
+"""Named values for what the kernel reports: device ids, device status and feature bits."""
 
 from __future__ import annotations
 
@@ -17,6 +17,28 @@ class DeviceStatus(enum.IntFlag):
     FEATURES_OK = 8
     NEEDS_RESET = 0x40
     FAILED = 0x80
+
+
+class VirtioDeviceId(enum.IntEnum):
+    """Virtio device IDs (virtio spec 5), as GET_DEVICE_ID and the vdpa netlink family report them."""
+
+    NET = 1
+    BLOCK = 2
+    CONSOLE = 3
+    RNG = 4
+    BALLOON = 5
+    SCSI = 8
+    NINE_P = 9
+    GPU = 16
+    INPUT = 18
+    VSOCK = 19
+    CRYPTO = 20
+    FS = 26
+
+    @property
+    def class_name(self) -> str:
+        """The name the vdpa tool and vdpad's command line give the class ("net", "block", "9p")."""
+        return "9p" if self is VirtioDeviceId.NINE_P else self.name.lower()
 
 
 def _bit(n: int) -> int:
@@ -134,47 +156,3 @@ def describe(value: int, *kinds: type[enum.IntFlag]) -> list[str]:
         else:
             names.append(f"bit{bit}")
     return names
-
-
-_FEATURE_KINDS: dict[str, tuple[type[enum.IntFlag], ...]] = {
-    "": (VirtioFeature, NetFeature, BlkFeature),
-    "net": (VirtioFeature, NetFeature),
-    "blk": (VirtioFeature, BlkFeature),
-}
-
-
-def parse_features(text: str) -> int:
-    """A feature mask from a number (0x.., 0b.., decimal) or names joined by commas.
-
-    Names are those describe() prints (VERSION_1, MAC, FLUSH, bit40); one that
-    net and blk both define with different bits (MQ) takes a prefix: net.MQ, blk.MQ.
-    """
-    text = text.strip()
-    try:
-        value = int(text, 0)
-    except ValueError:
-        pass
-    else:
-        if not 0 <= value < 1 << 64:
-            raise ValueError(f"features {text!r} does not fit in 64 bits")
-        return value
-    mask = 0
-    for word in filter(None, (w.strip() for w in text.split(","))):
-        kind, _, name = word.rpartition(".")
-        if kind.lower() not in _FEATURE_KINDS:
-            raise ValueError(f"feature {word!r}: prefix {kind!r} is not net or blk")
-        mask |= _feature_bit(name.upper(), kind.lower(), word)
-    if not mask:
-        raise ValueError(f"no feature in {text!r}: give a number (0x...) or names (VERSION_1,MAC)")
-    return mask
-
-
-def _feature_bit(name: str, kind: str, word: str) -> int:
-    if name.startswith("BIT") and name[3:].isdigit() and int(name[3:]) < 64:
-        return 1 << int(name[3:])
-    bits = {int(k[name]) for k in _FEATURE_KINDS[kind] if name in k.__members__}
-    if not bits:
-        raise ValueError(f"unknown feature {word!r} (names as `vdpad mgmtdev list` prints them, or bitN)")
-    if len(bits) > 1:
-        raise ValueError(f"feature {word!r} means different bits for net and blk: write net.{name} or blk.{name}")
-    return bits.pop()

@@ -45,8 +45,9 @@ class IotlbWriter(Features):
         data = message.encode(version)
         fields = _fields(message)
         try:
-            # SAFETY: one whole message per write(); the kernel copies it.
-            os.write(self.fileno(), data)
+            with self._owned.use() as fd:
+                # SAFETY: one whole message per write(); the kernel copies it.
+                os.write(fd, data)
         except OSError as error:
             self._log.debug("iotlb.write", version=version.name, **fields, errno=errno.errorcode.get(error.errno))
             raise IotlbWriteError(error.errno, op, self.path, {k: v for k, v in fields.items() if k != "type"}) from None
@@ -61,17 +62,17 @@ class IotlbReader(Features):
 
         Raises TimeoutError when none came in time.
         """
-        fd = self.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
-            raise TimeoutError(f"no IOTLB message from {self.path} within {timeout} s")
-        try:
-            # SAFETY: the kernel hands out one whole message per read().
-            data = os.read(fd, _READ_SIZE)
-        except OSError as error:
-            self._log.debug("iotlb.read", errno=errno.errorcode.get(error.errno))
-            raise VhostError(error.errno, "IOTLB read", self.path) from None
+        with self._owned.use() as fd:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+                raise TimeoutError(f"no IOTLB message from {self.path} within {timeout} s")
+            try:
+                # SAFETY: the kernel hands out one whole message per read().
+                data = os.read(fd, _READ_SIZE)
+            except OSError as error:
+                self._log.debug("iotlb.read", errno=errno.errorcode.get(error.errno))
+                raise VhostError(error.errno, "IOTLB read", self.path) from None
         try:
             message = IotlbMessage.decode(data)
         except CodecError:

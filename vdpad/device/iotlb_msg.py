@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from vdpad._uapi import ffi, lib
+from vdpad.device.core import U32, U64
 
 
 class MessageType(enum.IntEnum):
@@ -39,8 +40,6 @@ class Version(enum.IntEnum):
         return ffi.sizeof(self.struct)
 
 
-U64 = (1 << 64) - 1
-
 # The message types the kernel's write handler acts on; it answers any other with EFAULT.
 WRITABLE = frozenset({MessageType.UPDATE, MessageType.INVALIDATE, MessageType.BATCH_BEGIN, MessageType.BATCH_END})
 _IOTLB_OFFSET = ffi.offsetof("struct vhost_msg_v2", "iotlb")
@@ -64,7 +63,7 @@ class IotlbMessage:
         for name in ("iova", "size", "uaddr"):
             if not 0 <= getattr(self, name) <= U64:
                 raise CodecError(f"{name}={getattr(self, name)!r} does not fit in 64 bits")
-        if not 0 <= self.asid <= 0xFFFFFFFF:
+        if not 0 <= self.asid <= U32:
             raise CodecError(f"asid={self.asid!r} does not fit in 32 bits")
         try:
             object.__setattr__(self, "type", MessageType(self.type))

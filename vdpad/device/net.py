@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from vdpad._uapi import ffi, lib
 from vdpad.device.core import U64
-from vdpad.device.fd import VhostFd
+from vdpad.device.fd import DirtyLog, VhostFd
 from vdpad.device.iotlb_io import IotlbReader
+from vdpad.device.vring import Busyloop, LegacyEndian
 
 # vhost-net has exactly two virtqueues: 0 receives, 1 transmits.
 RX, TX = 0, 1
@@ -28,8 +29,9 @@ class GuestRegion:
         return self.guest_phys_addr + self.size - 1
 
 
-class VhostNet(VhostFd, IotlbReader):
-    """Typed vhost-net ioctls, and its device IOTLB (readable once ACCESS_PLATFORM is acked)."""
+class VhostNet(VhostFd, DirtyLog, LegacyEndian, Busyloop, IotlbReader):
+    """Typed vhost-net ioctls: vhost core's dirty log, legacy endianness and busy polling,
+    and its device IOTLB (readable once ACCESS_PLATFORM is acked)."""
 
     def _vq_limit(self) -> int:
         return VHOST_NET_VQS

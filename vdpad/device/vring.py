@@ -1,4 +1,4 @@
-"""The vring ioctls every vhost device shares: size, base, addresses, eventfds, endianness."""
+"""The vring ioctls: those every vhost device serves, and legacy endianness and busy polling, which only some do."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ _ALIGNMENT = (("desc", 16), ("avail", 2), ("used", 4), ("log", 4))
 
 
 class Vrings(FdCore):
+    """What every vhost fd kind serves for its rings: size, base, addresses, eventfds."""
+
     def _vring_num_limit(self) -> int:
         return LARGEST_VRING_NUM
 
@@ -90,6 +92,13 @@ class Vrings(FdCore):
         self._check_vq("SET_VRING_ERR", index)
         self._vring_file("SET_VRING_ERR", lib.VHOST_SET_VRING_ERR, index, fd)
 
+
+class LegacyEndian(FdCore):
+    """The byte order of legacy rings: vhost core devices on kernels with cross-endian legacy support.
+
+    vhost-vdpa serves modern (VERSION_1, little-endian) devices only.
+    """
+
     def set_vring_endian(self, index: int, endian: VringEndian) -> None:
         """Only kernels built with cross-endian legacy support know this (ENOTTY otherwise)."""
         op = "SET_VRING_ENDIAN"
@@ -101,8 +110,12 @@ class Vrings(FdCore):
         self._check_vq("GET_VRING_ENDIAN", index)
         return VringEndian(self._vring_state("GET_VRING_ENDIAN", lib.VHOST_GET_VRING_ENDIAN, index))
 
+
+class Busyloop(FdCore):
+    """How long vhost-net's worker polls a ring before it sleeps (vhost core stores it; only vhost-net reads it)."""
+
     def set_vring_busyloop_timeout(self, index: int, microseconds: int) -> None:
-        """How long the device polls the ring before sleeping (vhost-net)."""
+        """How long the worker polls the ring before sleeping."""
         op = "SET_VRING_BUSYLOOP_TIMEOUT"
         self._check_vq(op, index)
         self._check_u32(op, microseconds=microseconds)

@@ -57,11 +57,11 @@ run in the device's worker lane, in call order: `async with iotlb.atransaction(a
 
 from vdpad.device.iotlb_msg import Access as Perm
 from vdpad.iotlb.engine import DeviceIotlb, RollbackError, SpaceView, Trace, Transaction, Written
-from vdpad.iotlb.memory import PAGE_SIZE, MemoryRegion
+from vdpad.iotlb.memory import PAGE_SIZE, MemoryRegion, RegionInUse
 from vdpad.iotlb.plan import Plan
 from vdpad.iotlb.space import AddressMap, Mapping
 
 __all__ = [
-    "PAGE_SIZE", "AddressMap", "DeviceIotlb", "Mapping", "MemoryRegion", "Perm", "Plan", "RollbackError",
+    "PAGE_SIZE", "AddressMap", "DeviceIotlb", "Mapping", "MemoryRegion", "Perm", "Plan", "RegionInUse", "RollbackError",
     "SpaceView", "Trace", "Transaction", "Written",
 ]

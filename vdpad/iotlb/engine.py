@@ -195,6 +195,10 @@ class DeviceIotlb:
         with self._lock:
             return dict(self._group_asid)
 
+    def holding(self) -> threading.RLock:
+        """The engine's lock: while held, nothing is mapped (MemoryRegion.close holds it)."""
+        return self._lock
+
     def mappings_of(self, region: Memory) -> list[str]:
         """Where the kernel maps `region` through this device now (MemoryRegion.close asks before closing)."""
         if self.dev.closed:
@@ -262,6 +266,7 @@ class DeviceIotlb:
                             raise InvalidArgument("reset", self.dev.path,
                                                   f"{entry} in AS {asid} points into a closed region: "
                                                   "it could not be replayed")
+            self._end_batch()  # one the kernel did not see end, if any
             self.dev.set_status(0)
             failures: list[Exception] = []
             if not self.persistent:
@@ -298,6 +303,7 @@ class DeviceIotlb:
         """
         first = -(-self.iova_range.first // PAGE_SIZE) * PAGE_SIZE
         with MemoryRegion(PAGE_SIZE, "vdpad-empty") as page:
+            self._track(page)  # nobody else knows the page: no close() to wait for
             unit = Mapping(first, PAGE_SIZE, page, 0, Access.RO)
             self._run(asid, space, Plan((), (unit,), (unit,)))
             self._run(asid, space, Plan(((first, PAGE_SIZE),), (), ()))
@@ -376,6 +382,10 @@ class DeviceIotlb:
 
     # -- commit ------------------------------------------------------------------------------
     def _commit(self, tx: Transaction) -> Plan:
+        # Before the lock: a region waits here for a close() in progress (which holds our lock),
+        # and a region that is open once we hold the lock stays open until we let go.
+        for region in tx.regions:
+            self._track(region)
         with self._lock:
             space = self._spaces[tx.asid]
             target = tx._replay_onto(space.view)  # other commits may have landed since tx began
@@ -389,8 +399,6 @@ class DeviceIotlb:
                             entries=len(target), window=len(window),
                             path="batch" if self.atomic_batches else "suspended" if suspend else "at once")
             if work:
-                for entry in target:
-                    self._track(entry.region)
                 with self._suspended(suspend):
                     self._run(tx.asid, space, work, undo_to=space.units)
             space.view = target
@@ -549,6 +557,7 @@ class Transaction:
         # may see bytes that stay mapped go missing for an instant; refused unless allowed.
         self.allow_window = allow_window
         self._ops: list[Callable[[AddressMap], AddressMap]] = []
+        self.regions: set[Memory] = set()  # the memory its maps point into
         # Lock-free: the map is immutable and the attribute read atomic, so opening a
         # transaction on a trio thread never waits for a commit pinning pages elsewhere.
         self._pending = iotlb._spaces[asid].view
@@ -568,6 +577,7 @@ class Transaction:
     def map(self, iova: int, region: Memory, offset: int, size: int, perm: Access = Access.RW) -> Transaction:
         self._check_open()
         mapping = self._iotlb._checked_mapping(iova, region, offset, size, perm)
+        self.regions.add(region)
 
         def op(current: AddressMap) -> AddressMap:
             try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from vdpad.device.core import U64
 from vdpad.device.iotlb_msg import IotlbMessage, MessageType
 from vdpad.iotlb.space import AddressMap, Mapping
 
@@ -57,9 +58,6 @@ def update_message(unit: Mapping, asid: int = 0) -> IotlbMessage:
 
 def _sorted(units: Iterable[Mapping]) -> list[Mapping]:
     return sorted(units, key=lambda u: u.iova)
-
-
-U64 = (1 << 64) - 1
 
 
 def _range(start: int, end: int) -> tuple[int, int]:

@@ -159,16 +159,67 @@ def _load_virtio_driver(virtio: Path) -> None:
         log.warning("no virtio driver loaded", device=virtio.name, alias=alias, stderr=proc.stderr.strip())
 
 
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What a file is, whatever path reached it: a device node by its device number, any other file by its inode."""
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return (stat.S_IFMT(st.st_mode), st.st_rdev)
+    return (stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino)
+
+
+def _is_target(path: Path, target: tuple[int, ...]) -> bool | None:
+    """Whether the file `path` leads to is the target; None when it is gone or not ours to read."""
+    try:
+        return _identity(os.stat(path)) == target
+    except OSError:
+        return None
+
+
+def _maps_it(pid_dir: Path, target: tuple[int, ...], seen: dict[tuple[int, int], bool]) -> bool:
+    """Whether the process maps the file: a mapping outlives the fd it was made through.
+
+    `seen` remembers, across processes, whether the file a maps line names by
+    (device, inode) is the target, so each file is looked at once.
+    """
+    try:
+        lines = (pid_dir / "maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        span, _perms, _offset, dev, inode = line.split(maxsplit=5)[:5]
+        if inode == "0":
+            continue  # anonymous memory
+        major, minor = (int(n, 16) for n in dev.split(":"))
+        key = (os.makedev(major, minor), int(inode))
+        found = seen.get(key)
+        if found is None:
+            # map_files (readable by root) leads to the file itself, whatever node it was mapped through.
+            found = _is_target(pid_dir / "map_files" / span, target)
+            if found is not None:
+                seen[key] = found
+        if found:
+            return True
+    return False
+
+
 def holders(node: Path) -> list[int]:
-    """The processes that have `node` open (those whose /proc we may read)."""
-    target = str(node)
+    """The processes that have `node` open or mapped (those whose /proc we may read).
+
+    Matched by what the node is (a device number; for other files the inode),
+    so the same device reached through another path (a second node, a bind
+    mount, a symlink) counts, and so does a mapping whose fd was closed.
+    """
+    st = os.stat(node)
+    target = _identity(st)
+    # The node itself, as /proc/PID/maps names it: all an unprivileged reader can match.
+    seen = {(st.st_dev, st.st_ino): True}
     pids = []
-    for fd_dir in PROC.glob("[0-9]*/fd"):
+    for pid_dir in PROC.glob("[0-9]*"):
         try:
-            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
-                pids.append(int(fd_dir.parent.name))
+            fds = list((pid_dir / "fd").iterdir())
         except OSError:
             continue  # gone, or not ours to read
+        if any(_is_target(fd, target) for fd in fds) or _maps_it(pid_dir, target, seen):
+            pids.append(int(pid_dir.name))
     return sorted(pids)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import structlog
 
 from vdpad.device.errors import InvalidArgument
+from vdpad.device.flags import VirtioDeviceId
 from vdpad.mgmt import binding, model
 from vdpad.mgmt.binding import Binding, Driver
 from vdpad.mgmt.errors import ModuleMissing, NotFound
@@ -68,7 +69,7 @@ def attach(nl: VdpaNetlink, name: str, mgmtdev: str, *, mac: str | None = None, 
     binding.require_driver(driver)
     mdev = find_mgmtdev(nl, mgmtdev)
     net_options = [n for n, v in (("mac", mac), ("mtu", mtu), ("max_vqp", max_vqp)) if v is not None]
-    if net_options and model.NET not in mdev.classes:
+    if net_options and VirtioDeviceId.NET not in mdev.classes:
         kinds = ", ".join(model.class_name(c) for c in mdev.classes) or "no"
         raise InvalidArgument("attach", name, f"{', '.join(net_options)} apply to net devices; "
                               f"{mgmtdev} makes {kinds} devices")

@@ -12,18 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vdpad.device.errors import InvalidArgument
+from vdpad.device.flags import NetFeature, VirtioDeviceId
 
-# Virtio device IDs (virtio spec 5) -> the class names used on the command line.
-VIRTIO_CLASSES = {
-    1: "net", 2: "block", 3: "console", 4: "rng", 5: "balloon", 8: "scsi", 9: "9p",
-    16: "gpu", 18: "input", 19: "vsock", 20: "crypto", 26: "fs",
-}
-NET, BLOCK = 1, 2
+# Short names for the two classes the decoding and checks below tell apart.
 
 # struct virtio_net_config.status bits (virtio spec 5.1.4)
 NET_S_LINK_UP = 1
 NET_S_ANNOUNCE = 2
-NET_F_CTRL_VQ = 1 << 17
 
 MTU_MIN = 68  # the kernel's policy for VDPA_ATTR_DEV_NET_CFG_MTU (virtio spec 5.1.4.1)
 U16_MAX = 0xFFFF
@@ -38,7 +33,11 @@ class Attrs(Protocol):
 
 
 def class_name(device_id: int) -> str:
-    return VIRTIO_CLASSES.get(device_id, f"class{device_id}")
+    """The class name of a virtio device id ("net", "block"); "classN" for one virtio has not named."""
+    try:
+        return VirtioDeviceId(device_id).class_name
+    except ValueError:
+        return f"class{device_id}"
 
 
 # -- records ------------------------------------------------------------------
@@ -149,12 +148,12 @@ class QueueStats:
     @property
     def queue_type(self) -> str | None:
         """net: "rx" and "tx" alternate over the queue pairs, then the control queue (virtio spec 5.1.2)."""
-        if self.device_id != NET:
+        if self.device_id != VirtioDeviceId.NET:
             return None
         pairs = self.max_vq_pairs or 1  # the kernel sends it only with MQ or RSS negotiated
         if self.queue_index < 2 * pairs:
             return ("rx", "tx")[self.queue_index % 2]
-        if self.queue_index == 2 * pairs and self.negotiated_features & NET_F_CTRL_VQ:
+        if self.queue_index == 2 * pairs and self.negotiated_features & NetFeature.CTRL_VQ:
             return "cvq"
         return None
 
@@ -203,14 +202,14 @@ def decode_device(msg: Attrs) -> Device:
 def decode_config(msg: Attrs) -> DeviceConfig:
     device_id = _required(msg, "DEV_ID", "DEV_CONFIG_GET")
     net = blk = None
-    if device_id == NET:
+    if device_id == VirtioDeviceId.NET:
         net = NetConfig(
             mac=_a(msg, "DEV_NET_CFG_MACADDR"),
             status=_a(msg, "DEV_NET_STATUS"),
             mtu=_a(msg, "DEV_NET_CFG_MTU"),
             max_vq_pairs=_a(msg, "DEV_NET_CFG_MAX_VQP"),
         )
-    elif device_id == BLOCK:
+    elif device_id == VirtioDeviceId.BLOCK:
         blk = BlkConfig(
             capacity=_required(msg, "DEV_BLK_CFG_CAPACITY", "DEV_CONFIG_GET"),
             read_only=bool(_a(msg, "DEV_BLK_READ_ONLY")),

@@ -17,6 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
 
 from vdpad.device.errors import InvalidArgument
+from vdpad.device.flags import VirtioDeviceId
 from vdpad.mgmt import model
 from vdpad.mgmt.errors import ModuleMissing, refused
 from vdpad.mgmt.model import DeviceConfig, Device, MgmtDev, QueueStats
@@ -182,7 +183,7 @@ class VdpaNetlink:
         op = "DEV_ATTR_SET"
         attrs = [("DEV_NAME", model.check_name(op, name)), ("DEV_NET_CFG_MACADDR", model.parse_mac(op, name, mac))]
         # 6.12 acks DEV_ATTR_SET on a device of another class without doing anything: check first.
-        if (device_id := self.device(name).device_id) != model.NET:
+        if (device_id := self.device(name).device_id) != VirtioDeviceId.NET:
             raise InvalidArgument(op, name, f"a MAC address is set on net devices; {name} is "
                                   f"{model.class_name(device_id)}")
         self._do(Command.DEV_ATTR_SET, attrs, f"{op} {name} mac {mac}")

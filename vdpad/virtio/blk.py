@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from vdpad.device import BlkFeature, VhostVdpa
+from vdpad.device import BlkFeature, VhostVdpa, VirtioDeviceId
 from vdpad.virtio.dma import DmaArena, DmaBuffer
 from vdpad.virtio.driver import DriverError, QueueSpec, VirtioDriver
 from vdpad.virtio.ring import Buffer
@@ -25,7 +25,7 @@ class BlkIoError(DriverError):
 class BlkDriver(VirtioDriver):
     """One request queue (0); data moves through a staging buffer of `max_request` bytes."""
 
-    device_id = 2
+    device_id = VirtioDeviceId.BLOCK
 
     def __init__(self, dev: VhostVdpa, arena: DmaArena, *, queue_size: int = 64, max_request: int = 64 * 1024):
         super().__init__(dev)

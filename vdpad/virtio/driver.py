@@ -8,15 +8,15 @@ the device signals a call eventfd per queue when it used buffers.
 
 from __future__ import annotations
 
-import os
-import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from vdpad.device import DeviceStatus, VhostVdpa, VirtioFeature, VringAddr
+from vdpad.device import (
+    DeviceStatus, EventFd, NotSupportedError, VhostVdpa, VirtioDeviceId, VirtioFeature, VringAddr,
+)
 from vdpad.virtio.dma import DmaArena
 from vdpad.virtio.ring import RingLayout, SplitRing, Used
 
@@ -51,28 +51,26 @@ class QueueSpec:
 class Virtqueue:
     """One live queue: the split ring plus its kick and call eventfds."""
 
-    def __init__(self, index: int, ring: SplitRing, kick_fd: int, call_fd: int):
+    def __init__(self, index: int, ring: SplitRing, kick_eventfd: EventFd, call_eventfd: EventFd):
         self.index, self.ring = index, ring
-        self.kick_fd, self.call_fd = kick_fd, call_fd
+        self.kick_eventfd, self.call_eventfd = kick_eventfd, call_eventfd
 
     def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
+        self.kick_eventfd.write(1)
 
     def wait_used(self, count: int, timeout: float) -> list[Used]:
         """Reap until `count` chains came back, sleeping on the call eventfd; DriverError after `timeout` s."""
         done: list[Used] = self.ring.reap()
         deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.call_fd, select.POLLIN)
         while len(done) < count:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DriverError(f"queue {self.index}: {len(done)} of {count} buffers used after {timeout} s "
                                   f"(avail {self.ring.avail_idx}, used {self.ring.used_idx})")
             # The call eventfd wakes us; the short cap also covers a device that used buffers without signalling.
-            if poller.poll(min(left, 0.05) * 1000):
+            if self.call_eventfd.wait(min(left, 0.05)):
                 try:
-                    os.eventfd_read(self.call_fd)
+                    self.call_eventfd.read()
                 except BlockingIOError:
                     pass
             done += self.ring.reap()
@@ -87,16 +85,17 @@ class VirtioDriver:
     never resets it itself, so it can never drop maps behind the engine's back.
     """
 
-    device_id: int = 0
+    device_id: VirtioDeviceId | None = None
 
     def __init__(self, dev: VhostVdpa):
         found = dev.get_device_id()
-        if self.device_id and found != self.device_id:
-            raise DriverError(f"{dev.path} is virtio device {found}, not {self.device_id} ({type(self).__name__})")
+        if self.device_id is not None and found != self.device_id:
+            raise DriverError(f"{dev.path} is virtio device {found}, not {int(self.device_id)} "
+                              f"({self.device_id.name}, {type(self).__name__})")
         self.dev = dev
         self.features = 0
         self.queues: dict[int, Virtqueue] = {}
-        self._eventfds: dict[int, tuple[int, int]] = {}
+        self._eventfds: dict[int, tuple[EventFd, EventFd]] = {}
         self._log = log.bind(device=dev.path)
 
     # -- bring-up ---------------------------------------------------------
@@ -104,8 +103,8 @@ class VirtioDriver:
         status = self.dev.get_status()
         if status != DeviceStatus.RESET:
             raise DriverError(f"{self.dev.path} has status {status!r}: reset it (through the IOTLB engine) first")
-        max_size = self.dev.get_vring_num()
         for spec in specs:
+            max_size = self._largest_ring(spec.index)
             if spec.size > max_size:
                 raise DriverError(f"queue {spec.index}: size {spec.size} exceeds the device's {max_size}")
         self.queues = {}
@@ -134,25 +133,38 @@ class VirtioDriver:
             if queue.ring.in_flight:
                 queue.kick()
 
+    def _largest_ring(self, index: int) -> int:
+        """The queue's own limit (GET_VRING_SIZE) where the device tells it, else the device-wide GET_VRING_NUM."""
+        try:
+            size, path = self.dev.get_vring_size(index), "GET_VRING_SIZE"
+        except NotSupportedError:  # vdpa_sim with batch_mapping=1 (EOPNOTSUPP), older kernels (ENOTTY)
+            size, path = self.dev.get_vring_num(), "GET_VRING_NUM"
+        self._log.debug("virtio.ring_limit", queue=index, size=size, path=path)
+        return size
+
     def _setup_queue(self, spec: QueueSpec) -> Virtqueue:
         layout = RingLayout(spec.size)
         memory = spec.arena.alloc(layout.size, RING_ALIGN)
         ring = SplitRing(memory.view, spec.size)
-        kick_fd, call_fd = self._eventfds.get(spec.index) or self._new_eventfds(spec.index)
+        kick, call = self._eventfds.get(spec.index) or self._new_eventfds(spec.index)
         self.dev.set_vring_num(spec.index, spec.size)
         self.dev.set_vring_addr(spec.index, VringAddr(desc=memory.iova + layout.desc,
                                                       used=memory.iova + layout.used,
                                                       avail=memory.iova + layout.avail))
         self.dev.set_vring_base(spec.index, ring.avail_idx)
-        self.dev.set_vring_kick(spec.index, kick_fd)
-        self.dev.set_vring_call(spec.index, call_fd)
-        return Virtqueue(spec.index, ring, kick_fd, call_fd)
+        self.dev.set_vring_kick(spec.index, kick.fileno())
+        self.dev.set_vring_call(spec.index, call.fileno())
+        return Virtqueue(spec.index, ring, kick, call)
 
-    def _new_eventfds(self, index: int) -> tuple[int, int]:
-        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
-        pair = (os.eventfd(0, flags), os.eventfd(0, flags))
-        self._eventfds[index] = pair
-        return pair
+    def _new_eventfds(self, index: int) -> tuple[EventFd, EventFd]:
+        kick = EventFd(f"kick {index}", nonblocking=True)
+        try:
+            call = EventFd(f"call {index}", nonblocking=True)
+        except BaseException:
+            kick.close()
+            raise
+        self._eventfds[index] = (kick, call)
+        return kick, call
 
     def _prepare_buffers(self) -> None:
         """Each device type takes its buffers from the fresh arenas here; receive buffers are queued before DRIVER_OK."""
@@ -160,9 +172,9 @@ class VirtioDriver:
     # -- life cycle -------------------------------------------------------
     def close(self) -> None:
         """Close the eventfds (the device fd and the memory are the caller's)."""
-        for kick_fd, call_fd in self._eventfds.values():
-            os.close(kick_fd)
-            os.close(call_fd)
+        for kick, call in self._eventfds.values():
+            kick.close()
+            call.close()
         self._eventfds.clear()
         self.queues = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from vdpad.device import NetFeature, VhostVdpa
+from vdpad.device import NetFeature, VhostVdpa, VirtioDeviceId
 from vdpad.virtio.dma import DmaArena, DmaBuffer
 from vdpad.virtio.driver import DriverError, QueueSpec, VirtioDriver
 from vdpad.virtio.ring import Buffer
@@ -29,7 +29,7 @@ class NetDriver(VirtioDriver):
     another address space after moving the cvq's group there.
     """
 
-    device_id = 1
+    device_id = VirtioDeviceId.NET
 
     def __init__(self, dev: VhostVdpa, data: DmaArena, *, ctrl: DmaArena | None = None, queue_size: int = 64):
         super().__init__(dev)

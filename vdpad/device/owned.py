@@ -1,0 +1,92 @@
+"""One owned file descriptor: closed exactly once, never used after, never closed under a call.
+
+A closed owner forgets its number at once (`fd` reads -1), so a late call
+from another thread raises instead of landing on whatever file the kernel
+gave that number to next. A call in flight keeps the number open: close()
+marks the owner closed and the last call to finish closes the fd.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class OwnedFd:
+    """The one owner of `fd`; `what` names the object in errors ("/dev/vhost-vdpa-0 is closed")."""
+
+    def __init__(self, fd: int, what: str):
+        self._fd = fd
+        self.what = what
+        self._lock = threading.Lock()
+        self._calls = 0  # calls in flight on the number
+        self._unclosed = -1  # the number close() left to the last call in flight
+
+    @property
+    def fd(self) -> int:
+        """The number, or -1 once closed."""
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The number, for a call that takes its own reference to the file (poll, SET_VRING_KICK...).
+
+        Use `use()` to hold the number across a syscall another thread might race with close().
+        """
+        fd = self._fd
+        if fd < 0:
+            raise ValueError(f"{self.what} is closed")
+        return fd
+
+    @contextmanager
+    def use(self) -> Iterator[int]:
+        """The number, kept open until the block ends even if another thread closes meanwhile."""
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"{self.what} is closed")
+            self._calls += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._calls -= 1
+                last = self._unclosed if not self._calls else -1
+                if last >= 0:
+                    self._unclosed = -1
+            if last >= 0:
+                os.close(last)
+
+    def close(self) -> bool:
+        """Mark closed; close the fd now, or when the last call in flight ends. True the first time."""
+        with self._lock:
+            fd, self._fd = self._fd, -1
+            if fd < 0:
+                return False
+            if self._calls:
+                self._unclosed = fd
+                return True
+        os.close(fd)
+        return True
+
+    def __del__(self, _close=os.close, _warn=warnings.warn) -> None:
+        # Bound as defaults: at interpreter shutdown the modules may already be gone.
+        # No call can be in flight here: use() holds a reference to self.
+        fd = getattr(self, "_fd", -1)
+        if fd < 0:
+            return
+        self._fd = -1
+        try:
+            _warn(f"unclosed {self.what} (fd {fd})", ResourceWarning, stacklevel=2, source=self)
+        except Exception:  # noqa: BLE001 - warnings machinery torn down at shutdown
+            pass
+        _close(fd)
+
+    def __repr__(self) -> str:
+        return f"<OwnedFd {self._fd} {self.what}>"
