@@ -6,19 +6,20 @@ from pathlib import Path
 pytest_plugins = ["pytester"]
 
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-KERNEL_TEST = """
+MARKED_TEST = """
 import pytest
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.{marker}
 
-def test_needs_device():
+def test_marked():
     assert True
 """
 
 
-def _project(pytester):
+def _project(pytester, marker: str = "kernel"):
+    """A project with the real conftest and one passing test marked `marker` (kernel or vm_boot)."""
     shutil.copy(CONFTEST, pytester.path / "conftest.py")
-    pytester.makeini("[pytest]\nmarkers =\n    kernel: needs a vdpa kernel\n")
-    pytester.makepyfile(test_kernel=KERNEL_TEST)
+    pytester.makeini(f"[pytest]\nmarkers =\n    {marker}: a test that runs in one place only\n")
+    pytester.makepyfile(**{f"test_{marker}": MARKED_TEST.format(marker=marker)})
 
 
 def test_kernel_test_skips_outside_vm(pytester, monkeypatch):
@@ -45,31 +46,16 @@ def test_kernel_test_runs_in_vm(pytester, monkeypatch):
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
-VM_BOOT_TEST = """
-import pytest
-pytestmark = pytest.mark.vm_boot
-
-def test_boots_qemu():
-    assert True
-"""
-
-
-def _vm_boot_project(pytester):
-    shutil.copy(CONFTEST, pytester.path / "conftest.py")
-    pytester.makeini("[pytest]\nmarkers =\n    vm_boot: boots QEMU on the host\n")
-    pytester.makepyfile(test_vm_boot=VM_BOOT_TEST)
-
-
 def test_vm_boot_test_runs_on_the_host(pytester, monkeypatch):
     monkeypatch.delenv("VDPAD_IN_VM", raising=False)
-    _vm_boot_project(pytester)
+    _project(pytester, "vm_boot")
     pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
 def test_vm_boot_test_skip_in_the_guest_fails_under_ci(pytester, monkeypatch):
     monkeypatch.setenv("VDPAD_IN_VM", "1")
     monkeypatch.delenv("CI", raising=False)
-    _vm_boot_project(pytester)
+    _project(pytester, "vm_boot")
     pytester.runpytest_subprocess().assert_outcomes(skipped=1)
     monkeypatch.setenv("CI", "true")
     result = pytester.runpytest_subprocess()

@@ -7,21 +7,13 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from tests.cli import vdpad
 from tests.sim import debug_logging
-from vdpad.cli import main
 from vdpad.device import DeviceStatus, VhostVdpa, VirtioFeature
 
 pytestmark = pytest.mark.kernel
-
-
-def vdpad(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_unsupported_queries_show_as_null_and_the_rest_is_shown(vdpa_net):

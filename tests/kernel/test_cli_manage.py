@@ -10,22 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from tests.cli import vdpad
 from tests.privilege import run_cli
-from vdpad.cli import main
 from vdpad.device import VhostVdpa
 from vdpad.mgmt import VdpaNetlink
 
 pytestmark = pytest.mark.kernel
-
-
-def vdpad(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def device_names() -> set[str]:

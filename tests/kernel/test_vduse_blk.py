@@ -16,12 +16,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from tests.cli import vdpad
 from tests.sim import debug_logging, iova_far_from_us
 from tests.vduse import MGMTDEV, vduse_export
-from vdpad.cli import main
 from vdpad.device import (
     BackendFeature, BlkFeature, MessageType, NotSupportedError, VhostVdpa, VirtioFeature, flags,
 )
@@ -37,13 +36,6 @@ DISK_SECTORS = (16 << 20) // SECTOR  # the fixture's 16 MiB file
 # What Debian bookworm's qemu-storage-daemon (7.2) offers for a writable raw file (0x331006644).
 QSD_FEATURES = ["SEG_MAX", "BLK_SIZE", "FLUSH", "TOPOLOGY", "DISCARD", "WRITE_ZEROES", "NOTIFY_ON_EMPTY",
                 "INDIRECT_DESC", "EVENT_IDX", "VERSION_1", "ACCESS_PLATFORM"]
-
-
-def vdpad(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def file_sectors(image: Path, sector: int, count: int) -> bytes:
