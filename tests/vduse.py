@@ -109,8 +109,10 @@ def vduse_export(name: str, size: int = 16 << 20) -> Iterator[VduseExport]:
         try:
             _detach_if_present(name)
         finally:
-            _stop(qsd, name)
-            shutil.rmtree(folder)
+            try:
+                _stop(qsd, name)
+            finally:
+                shutil.rmtree(folder)
 
 
 def _detach_if_present(name: str) -> None:

@@ -256,13 +256,15 @@ def test_started_device_suspend_and_resume(sim, memory):
                 fd.set_vring_call(index, call)
                 fd.set_vring_err(index, err)
             start(fd, memory, acked)
-            assert DeviceStatus.DRIVER_OK in fd.get_status()
+            assert DeviceStatus.DRIVER_OK in fd.get_status() and not fd.suspended
             fd.suspend()
+            assert fd.suspended
             # The bases given before DRIVER_OK, read back from the device.
             assert [fd.get_vring_base(i) for i in range(shape["vqs"])] == [3 + i for i in range(shape["vqs"])]
             fd.set_vring_base(0, 40)  # a suspended device takes a new state...
             assert fd.get_vring_base(0) == 40
             fd.resume()
+            assert not fd.suspended
             assert DeviceStatus.DRIVER_OK in fd.get_status()
             fd.set_vring_enable(0, False)  # ENABLE_AFTER_DRIVER_OK is offered
             for index in range(shape["vqs"]):
@@ -498,3 +500,12 @@ def test_every_kernel_call_is_logged(vdpa_blk, memory, kernel_events):
         ("close", None, None),
     ]
     assert all(e["device"] == str(vdpa_blk.node) for e in kernel_events)
+
+
+def test_suspend_before_driver_ok_suspends_nothing(vdpa_net):
+    """vhost-vdpa answers 0 to SUSPEND before DRIVER_OK and suspends nothing: `suspended` says so."""
+    with VhostVdpa(vdpa_net.node) as fd:
+        fd.set_owner()
+        fd.set_backend_features(BackendFeature.SUSPEND | BackendFeature.RESUME)
+        fd.suspend()
+        assert not fd.suspended

@@ -133,3 +133,23 @@ def test_pa_a_refused_replay_is_finished_by_an_empty_transaction(pa_net):
         pass
     assert [(m.type, m.size) for m in trace.messages()] == [(BEGIN, 0), (UPDATE, 2 * MIB), (END, 0)]
     assert iotlb.space(0).in_sync and pinned() - base == 2 * MIB
+
+
+def test_pa_an_emptying_the_kernel_refuses_is_finished_by_an_empty_transaction(pa_net):
+    """The one page that takes the initial map away cannot be pinned: the space says so, a commit retries."""
+    make, data, scratch = pa_net
+    base = pinned()
+    dev, iotlb = make(persist=False)
+    iotlb.map(0, BASE, data, 0, MIB)
+    iotlb.unmap(0, BASE, MIB)  # emptied by the user
+    with memlock(base), pytest.raises(VhostError) as refused:  # not one more page may be pinned
+        iotlb.reset()
+    assert "only partly replayed" in "".join(refused.value.__notes__)
+    view = iotlb.space(0)
+    assert view.needs_emptying and not view.in_sync and not view.units and pinned() == base
+    with iotlb.record() as trace, iotlb.transaction(0):
+        pass
+    assert [(m.type, m.size) for m in trace.messages()] == [(BEGIN, 0), (UPDATE, P), (END, 0),
+                                                            (BEGIN, 0), (INVALIDATE, P), (END, 0)]
+    view = iotlb.space(0)
+    assert not view.needs_emptying and view.in_sync and pinned() == base

@@ -227,7 +227,8 @@ def test_a_commit_that_recuts_a_live_entry_suspends_a_device_that_applies_messag
     if rig.iotlb.atomic_batches:  # set_map: the device switches maps at BATCH_END, never sees the gap
         assert calls == ["BATCH_BEGIN", "INVALIDATE", "UPDATE", "BATCH_END"]
     else:
-        assert calls == ["GET_STATUS", "SUSPEND", "BATCH_BEGIN", "INVALIDATE", "UPDATE", "BATCH_END", "RESUME"]
+        assert calls == ["GET_STATUS", "SUSPEND", "GET_STATUS", "BATCH_BEGIN", "INVALIDATE", "UPDATE", "BATCH_END",
+                         "RESUME"]
     assert not rig.dev.suspended
     after = frames(FRAMES, seed=51)
     assert rig.net.exchange(after) == after

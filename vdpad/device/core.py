@@ -44,6 +44,11 @@ class FdCore:
     def closed(self) -> bool:
         return self._owned.closed
 
+    @property
+    def released(self) -> bool:
+        """Closed, and no call in flight holds the fd any more: the kernel has let go of the device."""
+        return self._owned.released
+
     def close(self) -> None:
         """Close once. A call another thread has in flight keeps the fd until it returns; later calls raise."""
         if self._owned.close():

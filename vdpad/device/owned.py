@@ -34,6 +34,12 @@ class OwnedFd:
     def closed(self) -> bool:
         return self._fd < 0
 
+    @property
+    def released(self) -> bool:
+        """Closed for real: no call in flight still holds the number (the kernel let go of the file)."""
+        with self._lock:
+            return self._fd < 0 and self._unclosed < 0
+
     def fileno(self) -> int:
         """The number, for a call that takes its own reference to the file (poll, SET_VRING_KICK...).
 
@@ -58,10 +64,10 @@ class OwnedFd:
             with self._lock:
                 self._calls -= 1
                 last = self._unclosed if not self._calls else -1
-                if last >= 0:
-                    self._unclosed = -1
-            if last >= 0:
+            if last >= 0:  # the last call out closes what close() left open; `released` once it is shut
                 os.close(last)
+                with self._lock:
+                    self._unclosed = -1
 
     def close(self) -> bool:
         """Mark closed; close the fd now, or when the last call in flight ends. True the first time."""

@@ -101,7 +101,8 @@ class VhostVdpa(VhostFd):
     def suspend(self) -> None:
         """Stop the rings, keeping their state (needs SUSPEND offered)."""
         self._ioctl("SUSPEND", lib.VHOST_VDPA_SUSPEND)
-        self._suspended = True
+        # vhost-vdpa answers 0 and suspends nothing before DRIVER_OK (kernel-notes.md).
+        self._suspended = DeviceStatus.DRIVER_OK in self.get_status()
 
     def resume(self) -> None:
         """Restart the rings after suspend (needs RESUME offered)."""

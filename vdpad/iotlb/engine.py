@@ -63,6 +63,7 @@ class SpaceView:
     # Nothing sent since the last reset that gave the device its parent's initial map back:
     # a 1:1 passthrough on vdpa_sim and mlx5, nothing at all on VDUSE and platform-IOMMU parents.
     initial: bool
+    needs_emptying: bool = False  # a replay could not take the initial map away yet; a commit retries
 
     @property
     def entries(self) -> tuple[Mapping, ...]:
@@ -80,7 +81,7 @@ class SpaceView:
     @property
     def in_sync(self) -> bool:
         """The kernel translates exactly as the map says (false only after a failed replay)."""
-        return not plan_change(self.units, self.map)
+        return not self.needs_emptying and not plan_change(self.units, self.map)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class _Space:
     view: AddressMap = field(default_factory=AddressMap)
     units: tuple[Mapping, ...] = ()
     initial: bool = True
+    needs_emptying: bool = False  # emptied by the user, but the device may still have its initial map
 
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
@@ -187,7 +189,7 @@ class DeviceIotlb:
 
     def _view(self, asid: int) -> SpaceView:
         space = self._spaces[asid]
-        return SpaceView(asid, space.view, space.units, space.initial)
+        return SpaceView(asid, space.view, space.units, space.initial, space.needs_emptying)
 
     @property
     def group_asids(self) -> dict[int, int]:
@@ -201,8 +203,8 @@ class DeviceIotlb:
 
     def mappings_of(self, region: Memory) -> list[str]:
         """Where the kernel maps `region` through this device now (MemoryRegion.close asks before closing)."""
-        if self.dev.closed:
-            return []  # closing the fd unmapped everything
+        if self.dev.released:
+            return []  # the fd is closed for real (no call in flight holds it): the kernel unmapped everything
         with self._lock:
             return [f"AS {asid} {describe_range(unit.iova, unit.size)} on {self.dev.path}"
                     for asid, space in enumerate(self._spaces) for unit in space.units if unit.region is region]
@@ -226,7 +228,7 @@ class DeviceIotlb:
 
     # -- changing maps ------------------------------------------------------------------
     def transaction(self, asid: int = 0, *, allow_window: bool = False) -> Transaction:
-        """See Transaction; `allow_window` lets a commit unmap live bytes for an instant (see _guard_window)."""
+        """See Transaction; `allow_window` lets a commit unmap live bytes for an instant (see _suspend_for)."""
         return Transaction(self, asid, allow_window=allow_window)
 
     def map(self, asid: int, iova: int, region: Memory, offset: int, size: int,
@@ -302,11 +304,19 @@ class DeviceIotlb:
         unmapped again: every kind of parent ends up translating nothing.
         """
         first = -(-self.iova_range.first // PAGE_SIZE) * PAGE_SIZE
-        with MemoryRegion(PAGE_SIZE, "vdpad-empty") as page:
-            self._track(page)  # nobody else knows the page: no close() to wait for
-            unit = Mapping(first, PAGE_SIZE, page, 0, Access.RO)
+        space.needs_emptying = True  # until the page is unmapped again; a commit retries
+        page = MemoryRegion(PAGE_SIZE, "vdpad-empty")
+        self._track(page)  # nobody else knows the page: no close() to wait for
+        unit = Mapping(first, PAGE_SIZE, page, 0, Access.RO)
+        try:
             self._run(asid, space, Plan((), (unit,), (unit,)))
-            self._run(asid, space, Plan(((first, PAGE_SIZE),), (), ()))
+        except BaseException:
+            page.close()  # refused: never mapped
+            raise
+        # Refused, the page stays open: the kernel maps it, and the unit that says so keeps it alive.
+        self._run(asid, space, Plan(((first, PAGE_SIZE),), (), ()))
+        space.needs_emptying = False
+        page.close()
         self._log.debug("iotlb.emptied", asid=asid, iova=first)
 
     # -- async (never block a trio loop: a write that pins pages can take long) -----------
@@ -398,9 +408,12 @@ class DeviceIotlb:
             self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate), update=len(work.update),
                             entries=len(target), window=len(window),
                             path="batch" if self.atomic_batches else "suspended" if suspend else "at once")
+            if space.needs_emptying and not work:
+                self._empty_device_map(tx.asid, space)  # left over from a reset whose emptying failed
             if work:
                 with self._suspended(suspend):
                     self._run(tx.asid, space, work, undo_to=space.units)
+                    space.view = target  # sent: a RESUME refused after this leaves the map as the kernel holds it
             space.view = target
             return work
 
@@ -442,7 +455,11 @@ class DeviceIotlb:
             except REFUSED as resume_error:
                 error.add_note(f"resuming {self.dev.path} after the commit failed too: {resume_error}")
             raise
-        self.dev.resume()
+        try:
+            self.dev.resume()
+        except REFUSED as error:
+            error.add_note("the commit itself was sent and is booked; the device is still suspended")
+            raise
 
     def _track(self, region: Memory) -> None:
         """Tell the region it is mapped here, so it refuses to close while the kernel maps it."""
@@ -461,7 +478,7 @@ class DeviceIotlb:
         if self.batching:
             self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
             self._open_batch = asid
-        space.initial = False  # from here on only a reset brings the initial map back
+        was_initial, space.initial = space.initial, False  # from here on only a reset brings it back
         try:
             try:
                 self._send(asid, space, work)
@@ -472,12 +489,15 @@ class DeviceIotlb:
                     self._send(asid, space, transition(space.units, undo_to))
                 except REFUSED as undo:
                     raise RollbackError(refused, undo, self._view(asid)) from refused
-                refused.add_note(f"rolled back: AS {asid} holds what it held before the commit")
+                refused.add_note(f"rolled back: AS {asid} holds what it held before the commit"
+                                 + (", but for the parent's initial map, which the first message replaced"
+                                    if was_initial else ""))
                 raise
         except BaseException as error:
             self._end_batch(during=error)
             raise
         self._end_batch()
+        space.needs_emptying = False  # whatever was sent replaced the parent's initial map
 
     def _end_batch(self, *, during: BaseException | None = None) -> None:
         """BATCH_END for the open batch; refused while another error is on its way, it is noted on that one."""

@@ -138,7 +138,7 @@ class MemoryRegion:
         with self._closing, ExitStack() as held:
             if self.closed:
                 return
-            mappers = list(self._mappers)
+            mappers = sorted(self._mappers, key=id)  # one lock order for every close()
             for mapper in mappers:  # none of them maps anything new until this region is closed
                 held.enter_context(mapper.holding())
             mapped = [where for mapper in mappers for where in mapper.mappings_of(self)]
