@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from vdpad.device.core import U64
 from vdpad.device.iotlb_msg import IotlbMessage, MessageType
@@ -134,34 +135,26 @@ def plan(units: Iterable[Mapping], target: AddressMap,
     flags = _kept_flags(units, target)
     kept = [unit for unit, keep in flags if keep]
     update = tuple(target.without(kept))
-    return Plan(_runs(flags), update, MappingTree(_merge(kept, update)))
+    # Two sorted runs: sorted() merges them in linear time.
+    return Plan(_runs(flags), update, MappingTree(sorted((*kept, *update), key=attrgetter("iova"))))
 
 
 def _kept_flags(units: Iterable[Mapping], target: AddressMap) -> list[tuple[Mapping, bool]]:
     """(unit, whether target translates all of it as it says), walking both in IOVA order at once."""
+    # The hot loop of a full plan: ends computed once, and Mapping.translates_like spelt out.
     entries = iter(target)
     entry = next(entries, None)
+    entry_end = entry.iova + entry.size if entry is not None else 0
     flags = []
     for unit in units:
-        while entry is not None and entry.end <= unit.iova:
+        start = unit.iova
+        while entry is not None and entry_end <= start:
             entry = next(entries, None)
-        flags.append((unit, entry is not None and entry.iova <= unit.iova and unit.end <= entry.end
-                      and entry.translates_like(unit)))
+            entry_end = entry.iova + entry.size if entry is not None else 0
+        flags.append((unit, entry is not None and entry.iova <= start and start + unit.size <= entry_end
+                      and entry.region is unit.region and entry.perm == unit.perm
+                      and entry.offset - entry.iova == unit.offset - start))
     return flags
-
-
-def _merge(first: Sequence[Mapping], second: Sequence[Mapping]) -> list[Mapping]:
-    """Two IOVA-sorted lists of non-overlapping mappings as one sorted list."""
-    out: list[Mapping] = []
-    i = j = 0
-    while i < len(first) and j < len(second):
-        if first[i].iova < second[j].iova:
-            out.append(first[i])
-            i += 1
-        else:
-            out.append(second[j])
-            j += 1
-    return out + list(first[i:]) + list(second[j:])
 
 
 def _spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

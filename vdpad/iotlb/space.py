@@ -217,20 +217,24 @@ class AddressMap:
 
     def without(self, units: Iterable[Mapping]) -> list[Mapping]:
         """The parts of this map not covered by `units` (sorted, non-overlapping, all inside the map)."""
-        holes = sorted(units, key=lambda u: u.iova)
+        # One walk over both in IOVA order; a full plan spends much of its time here.
+        holes = [(u.iova, u.iova + u.size) for u in sorted(units, key=lambda u: u.iova)]
+        count = len(holes)
         pieces: list[Mapping] = []
         index = 0
         for entry in self._tree:
-            cursor = entry.iova
-            while index < len(holes) and holes[index].end <= entry.iova:
+            cursor, end = entry.iova, entry.iova + entry.size
+            while index < count and holes[index][1] <= cursor:
                 index += 1
             scan = index
-            while scan < len(holes) and holes[scan].iova < entry.end:
-                hole = holes[scan]
-                if hole.iova > cursor:
-                    pieces.append(entry.piece(cursor, hole.iova))
-                cursor = max(cursor, hole.end)
+            while scan < count and holes[scan][0] < end:
+                hole_start, hole_end = holes[scan]
+                if hole_start > cursor:
+                    pieces.append(entry.piece(cursor, hole_start))
+                cursor = max(cursor, hole_end)
                 scan += 1
-            if cursor < entry.end:
-                pieces.append(entry.piece(cursor, entry.end))
+            if scan == index:
+                pieces.append(entry)  # no hole in it: the entry itself
+            elif cursor < end:
+                pieces.append(entry.piece(cursor, end))
         return pieces

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -87,12 +88,17 @@ def _delete(node: _Node, entry: Mapping) -> _Node | None:
     return _Node(items, False) if items else None
 
 
-def _walk(node: _Node) -> Iterator[Mapping]:
+def _leaves(node: _Node) -> Iterator[tuple]:
+    """The leaves' tuples in order (iterating their items through one chain is far cheaper than nested yields)."""
     if node.leaf:
-        yield from node.items
+        yield node.items
     else:
         for child in node.items:
-            yield from _walk(child)
+            yield from _leaves(child)
+
+
+def _walk(node: _Node) -> Iterator[Mapping]:
+    return chain.from_iterable(_leaves(node))
 
 
 def _walk_from(node: _Node, iova: int) -> Iterator[Mapping]:
