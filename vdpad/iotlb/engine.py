@@ -420,13 +420,13 @@ class DeviceIotlb:
                             path="batch" if self.atomic_batches else "suspended" if suspend else "at once")
             if space.needs_emptying and not work:
                 self._empty_device_map(tx.asid, space)  # left over from a reset whose emptying failed
-                space.in_step = True  # the page came and went: the units are what they were
             if work:
                 with self._suspended(suspend):
                     self._run(tx.asid, space, work, undo_to=space.units)
                     space.view = target  # sent: a RESUME refused after this leaves the map as the kernel holds it
                     space.in_step = True
             space.view = target
+            space.in_step = True  # all that was needed landed: the kernel translates as the view
             return work
 
     def _suspend_for(self, tx: Transaction, window: tuple[tuple[int, int], ...]) -> bool:
