@@ -23,7 +23,6 @@ import gc
 import json
 import platform
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable

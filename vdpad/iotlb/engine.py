@@ -423,8 +423,8 @@ class DeviceIotlb:
             if work:
                 with self._suspended(suspend):
                     self._run(tx.asid, space, work, undo_to=space.units)
-                    space.view = target  # sent: a RESUME refused after this leaves the map as the kernel holds it
-                    space.in_step = True
+                    # Sent: a RESUME refused after this leaves the map booked as the kernel holds it.
+                    space.view, space.in_step = target, True
             space.view = target
             space.in_step = True  # all that was needed landed: the kernel translates as the view
             return work
