@@ -10,7 +10,7 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench clean
+.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench bench-host clean
 
 all: install
 
@@ -59,6 +59,13 @@ bench: vm-prepare
 	$(HARNESS) run --memory $(BENCH_MEMORY) --collect $(CURDIR)/docs/bench -- \
 	  $(PY) -m tests.bench.restart $(BENCH_ARGS)
 	$(PY) -m tests.bench.plot docs/bench/restart.json docs/bench/restart.png
+
+# The IOTLB engine's own logic per commit (tests/bench/engine.py), host only, no
+# VM: docs/bench/engine.json and engine.png.
+bench-host: install
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m tests.bench.engine --out docs/bench
+	$(PY) -m tests.bench.plot_engine docs/bench/engine.json docs/bench/engine.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info vdpad/_uapi.*

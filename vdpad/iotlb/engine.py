@@ -23,6 +23,7 @@ from vdpad.iotlb.plan import (
 )
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
+from vdpad.iotlb.tree import MappingTree
 from vdpad.mgmt.parent import MapKind, map_kind_of_node
 
 T = TypeVar("T")
@@ -59,7 +60,7 @@ class SpaceView:
 
     asid: int
     map: AddressMap  # what the user asked for, normalised
-    units: tuple[Mapping, ...]  # the kernel's entries, as they were sent
+    units: MappingTree  # the kernel's entries, as they were sent (reads like, and equals, a tuple)
     # Nothing sent since the last reset that gave the device its parent's initial map back:
     # a 1:1 passthrough on vdpa_sim and mlx5, nothing at all on VDUSE and platform-IOMMU parents.
     initial: bool
@@ -87,9 +88,12 @@ class SpaceView:
 @dataclass
 class _Space:
     view: AddressMap = field(default_factory=AddressMap)
-    units: tuple[Mapping, ...] = ()
+    units: MappingTree = field(default_factory=MappingTree)
     initial: bool = True
     needs_emptying: bool = False  # emptied by the user, but the device may still have its initial map
+    # The units are known to translate exactly as `view`: a commit then plans only around what it
+    # touched. False from the first message a change sends until it is known to have landed whole.
+    in_step: bool = True
 
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
@@ -294,6 +298,7 @@ class DeviceIotlb:
             self._run(asid, space, work)
         else:
             self._empty_device_map(asid, space)
+        space.in_step = True
 
     def _empty_device_map(self, asid: int, space: _Space) -> None:
         """Take the parent's initial map (vdpa_sim's 1:1) away from an address space the user emptied.
@@ -399,10 +404,15 @@ class DeviceIotlb:
         with self._lock:
             space = self._spaces[tx.asid]
             target = tx._replay_onto(space.view)  # other commits may have landed since tx began
-            for entry in target:
+            # In step, every entry outside the touched ranges is held by a kernel unit, and a region the
+            # kernel maps refuses to close: only the touched entries can point into a closed one.
+            touched = tx.touched if space.in_step else None
+            checked = (target if touched is None
+                       else (entry for iova, end in touched for entry in target.tree.overlapping(iova, end)))
+            for entry in checked:
                 if entry.region.closed:
                     raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
-            work = plan_change(space.units, target)
+            work = plan_change(space.units, target, touched)
             window = unmapped_meanwhile(space.units, work, target) if work.invalidate else ()
             suspend = self._suspend_for(tx, window)
             self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate), update=len(work.update),
@@ -413,8 +423,10 @@ class DeviceIotlb:
             if work:
                 with self._suspended(suspend):
                     self._run(tx.asid, space, work, undo_to=space.units)
-                    space.view = target  # sent: a RESUME refused after this leaves the map as the kernel holds it
+                    # Sent: a RESUME refused after this leaves the map booked as the kernel holds it.
+                    space.view, space.in_step = target, True
             space.view = target
+            space.in_step = True  # all that was needed landed: the kernel translates as the view
             return work
 
     def _suspend_for(self, tx: Transaction, window: tuple[tuple[int, int], ...]) -> bool:
@@ -467,7 +479,7 @@ class DeviceIotlb:
         if add_mapper is not None:
             add_mapper(self)
 
-    def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: tuple[Mapping, ...] | None = None) -> None:
+    def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: MappingTree | None = None) -> None:
         """Send `work` for one address space, inside one batch when batches are acked.
 
         `space.units` follows the kernel message by message. If the kernel
@@ -479,6 +491,7 @@ class DeviceIotlb:
             self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
             self._open_batch = asid
         was_initial, space.initial = space.initial, False  # from here on only a reset brings it back
+        space.in_step = False  # until the caller knows the whole change landed
         try:
             try:
                 self._send(asid, space, work)
@@ -577,6 +590,7 @@ class Transaction:
         # may see bytes that stay mapped go missing for an instant; refused unless allowed.
         self.allow_window = allow_window
         self._ops: list[Callable[[AddressMap], AddressMap]] = []
+        self.touched: list[tuple[int, int]] = []  # (start, end) of each op: where the map may change
         self.regions: set[Memory] = set()  # the memory its maps point into
         # Lock-free: the map is immutable and the attribute read atomic, so opening a
         # transaction on a trio thread never waits for a commit pinning pages elsewhere.
@@ -607,6 +621,7 @@ class Transaction:
 
         self._pending = op(self._pending)
         self._ops.append(op)
+        self.touched.append((iova, iova + size))
         return self
 
     def unmap(self, iova: int, size: int) -> Transaction:
@@ -621,6 +636,7 @@ class Transaction:
 
         self._pending = op(self._pending)
         self._ops.append(op)
+        self.touched.append((iova, iova + size))
         return self
 
     def _replay_onto(self, current: AddressMap) -> AddressMap:

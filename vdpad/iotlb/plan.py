@@ -25,21 +25,31 @@ INVALIDATEs go first so no UPDATE meets an entry on its way out.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from vdpad.device.core import U64
 from vdpad.device.iotlb_msg import IotlbMessage, MessageType
 from vdpad.iotlb.space import AddressMap, Mapping
+from vdpad.iotlb.tree import MappingTree
 
 
 @dataclass(frozen=True)
 class Plan:
-    """INVALIDATE ranges, then UPDATEs, and the units the kernel holds afterwards."""
+    """INVALIDATE ranges, then UPDATEs, and the units the kernel holds afterwards.
+
+    `units` may be given as any iterable of units; it is kept as a MappingTree
+    (which reads like, and equals, the tuple of the units in IOVA order).
+    """
 
     invalidate: tuple[tuple[int, int], ...]  # (iova, size)
     update: tuple[Mapping, ...]
-    units: tuple[Mapping, ...]
+    units: MappingTree
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", MappingTree.of(self.units))
 
     def __bool__(self) -> bool:
         return bool(self.invalidate or self.update)
@@ -68,10 +78,15 @@ def _range(start: int, end: int) -> tuple[int, int]:
 
 def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[int, int], ...]:
     """The fewest INVALIDATE ranges freeing every unit not in `keep` and no unit in it."""
+    return _runs((unit, unit in keep) for unit in _sorted(units))
+
+
+def _runs(units: Iterable[tuple[Mapping, bool]]) -> tuple[tuple[int, int], ...]:
+    """One INVALIDATE per run of units not kept, from (unit, kept) pairs of consecutive units in order."""
     ranges: list[tuple[int, int]] = []
     start = end = None
-    for unit in _sorted(units):
-        if unit in keep:
+    for unit, kept in units:
+        if kept:
             if start is not None:
                 ranges.append(_range(start, end))
                 start = None
@@ -84,28 +99,120 @@ def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[i
     return tuple(ranges)
 
 
-def after_invalidate(units: Iterable[Mapping], iova: int, size: int) -> tuple[Mapping, ...]:
+def after_invalidate(units: Iterable[Mapping], iova: int, size: int) -> MappingTree:
     """The units left once the kernel took an INVALIDATE: every unit it touches goes, whole."""
-    end = iova + size
-    return tuple(u for u in units if u.end <= iova or u.iova >= end)
+    units = MappingTree.of(units)
+    for unit in list(units.overlapping(iova, iova + size)):
+        units = units.removed(unit)
+    return units
 
 
-def after_update(units: Iterable[Mapping], unit: Mapping) -> tuple[Mapping, ...]:
-    return tuple(_sorted((*units, unit)))
+def after_update(units: Iterable[Mapping], unit: Mapping) -> MappingTree:
+    return MappingTree.of(units).inserted(unit)
 
 
 def transition(units: Iterable[Mapping], wanted: Iterable[Mapping]) -> Plan:
     """From kernel entries `units` to exactly the entries `wanted` (used to roll back)."""
     units, wanted = _sorted(units), _sorted(wanted)
     keep = set(units) & set(wanted)
-    return Plan(invalidations(units, keep), tuple(u for u in wanted if u not in keep), tuple(wanted))
+    return Plan(invalidations(units, keep), tuple(u for u in wanted if u not in keep), MappingTree(wanted))
 
 
-def plan(units: Iterable[Mapping], target: AddressMap) -> Plan:
-    """The minimal change from kernel entries `units` to a kernel translating as `target`."""
-    units = _sorted(units)
-    kept = [u for u in units if target.matches(u)]
-    return transition(units, kept + target.without(kept))
+def plan(units: Iterable[Mapping], target: AddressMap,
+         touched: Iterable[tuple[int, int]] | None = None) -> Plan:
+    """The minimal change from kernel entries `units` to a kernel translating as `target`.
+
+    O(n) in the units and entries. With `touched`, (start, end) IOVA ranges,
+    the caller promises that `units` translate exactly as a map that differs
+    from `target` only inside those ranges (the map a transaction started
+    from, when the kernel was in step with it): then only the units and
+    entries near those ranges are looked at, in O(k log n) for k of them, and
+    the plan is the one the full comparison gives.
+    """
+    units = MappingTree.of(units)
+    if touched is not None:
+        return _plan_near(units, target, touched)
+    flags = _kept_flags(units, target)
+    kept = [unit for unit, keep in flags if keep]
+    update = tuple(target.without(kept))
+    # Two sorted runs: sorted() merges them in linear time.
+    return Plan(_runs(flags), update, MappingTree(sorted((*kept, *update), key=attrgetter("iova"))))
+
+
+def _kept_flags(units: Iterable[Mapping], target: AddressMap) -> list[tuple[Mapping, bool]]:
+    """(unit, whether target translates all of it as it says), walking both in IOVA order at once."""
+    # The hot loop of a full plan: ends computed once, and Mapping.translates_like spelt out.
+    entries = iter(target)
+    entry = next(entries, None)
+    entry_end = entry.iova + entry.size if entry is not None else 0
+    flags = []
+    for unit in units:
+        start = unit.iova
+        while entry is not None and entry_end <= start:
+            entry = next(entries, None)
+            entry_end = entry.iova + entry.size if entry is not None else 0
+        flags.append((unit, entry is not None and entry.iova <= start and start + unit.size <= entry_end
+                      and entry.region is unit.region and entry.perm == unit.perm
+                      and entry.offset - entry.iova == unit.offset - start))
+    return flags
+
+
+def _spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) ranges sorted, and merged where they overlap or touch."""
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
+
+
+def _plan_near(units: MappingTree, target: AddressMap, touched: Iterable[tuple[int, int]]) -> Plan:
+    # Outside the touched ranges every unit still translates as wanted, so it is kept, and
+    # every byte target maps there is covered by one. Only units that meet a touched range can go.
+    spans = _spans(touched)
+    near: list[Mapping] = []
+    for start, end in spans:
+        for unit in units.overlapping(start, end):
+            if not near or near[-1] is not unit:  # a unit across two spans is met twice in a row
+                near.append(unit)
+    flags = [(unit, target.matches(unit)) for unit in near]
+    kept = [unit for unit, keep in flags if keep]
+    removed = [unit for unit, keep in flags if not keep]
+
+    # Two removed units make one run when no unit lies between them: a unit that did not meet
+    # a touched range is kept, so it breaks the run as a kept unit among `near` does.
+    chain: list[tuple[Mapping, bool]] = []
+    for index, (unit, keep) in enumerate(flags):
+        if index and not keep and not flags[index - 1][1] and units.following(flags[index - 1][0].end) is not unit:
+            chain.append((unit, True))  # stands for the unit in between: the run ends there
+        chain.append((unit, keep))
+    invalidate = _runs(chain)
+
+    # What target maps and no kept unit covers lies inside the touched ranges or a removed unit:
+    # the UPDATEs are the pieces of target's entries there, between the kept units.
+    update: list[Mapping] = []
+    kept_starts = [unit.iova for unit in kept]
+    for start, end in _spans([*spans, *((unit.iova, unit.end) for unit in removed)]):
+        for entry in target.tree.overlapping(start, end):
+            cursor, stop = max(start, entry.iova), min(end, entry.end)
+            index = max(bisect.bisect_right(kept_starts, cursor) - 1, 0)
+            while index < len(kept) and kept[index].iova < stop:
+                hole = kept[index]
+                if hole.end > cursor:
+                    if hole.iova > cursor:
+                        update.append(entry.piece(cursor, hole.iova))
+                    cursor = hole.end
+                index += 1
+            if cursor < stop:
+                update.append(entry.piece(cursor, stop))
+    after = units
+    for unit in removed:
+        after = after.removed(unit)
+    for unit in update:
+        after = after.inserted(unit)
+    return Plan(invalidate, tuple(update), after)
 
 
 def unmapped_meanwhile(units: Iterable[Mapping], work: Plan, target: AddressMap) -> tuple[tuple[int, int], ...]:
@@ -115,11 +222,12 @@ def unmapped_meanwhile(units: Iterable[Mapping], work: Plan, target: AddressMap)
     in between and find nothing there; a device that takes a batch as one
     switch (set_map) never sees the gap.
     """
-    after = set(work.units)
-    removed = [u for u in _sorted(units) if u not in after]
+    # The units an INVALIDATE meets are exactly the ones the plan removes.
+    units = MappingTree.of(units)
+    removed = [unit for iova, size in work.invalidate for unit in units.overlapping(iova, iova + size)]
     spans: list[tuple[int, int]] = []
     for unit in removed:
-        for entry in target.overlapping(unit.iova, unit.size):
+        for entry in target.tree.overlapping(unit.iova, unit.end):
             start, end = max(unit.iova, entry.iova), min(unit.end, entry.end)
             if spans and spans[-1][1] >= start:
                 spans[-1] = (spans[-1][0], max(spans[-1][1], end))
@@ -136,4 +244,4 @@ def replay(units: Iterable[Mapping], target: AddressMap) -> Plan:
     then `target` is sent as the fewest UPDATEs, like a first commit.
     """
     fresh = plan((), target)
-    return Plan(invalidations(list(units), set()), fresh.update, fresh.units)
+    return Plan(_runs((unit, False) for unit in MappingTree.of(units)), fresh.update, fresh.units)

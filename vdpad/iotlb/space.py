@@ -9,12 +9,12 @@ A' covering both, and `==` says so.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from vdpad.device.iotlb_msg import Access
+from vdpad.iotlb.tree import MappingTree
 
 VALID_PERMS = (Access.RO, Access.WO, Access.RW)
 
@@ -98,9 +98,14 @@ def describe_range(iova: int, size: int) -> str:
 
 
 class AddressMap:
-    """An immutable, normalised interval map. Operations return new maps."""
+    """An immutable, normalised interval map. Operations return new maps.
 
-    __slots__ = ("_entries", "_starts")
+    Stored in a persistent B+tree (vdpad.iotlb.tree): `lookup`, `mapped` and
+    `unmapped` are O(log n) (plus the entries an unmap cuts), a new map shares
+    nearly all of its storage with the old one, and `entries` is an O(n) copy.
+    """
+
+    __slots__ = ("_tree", "_hash")
 
     def __init__(self, entries: Iterable[Mapping] = ()):
         ordered = sorted(entries, key=lambda m: m.iova)
@@ -114,56 +119,60 @@ class AddressMap:
                 last = merged.pop()
                 entry = Mapping(last.iova, last.size + entry.size, last.region, last.offset, last.perm)
             merged.append(entry)
-        self._entries = tuple(merged)
-        self._starts = [m.iova for m in merged]
+        self._tree = MappingTree(merged)
+        self._hash: int | None = None
+
+    @classmethod
+    def _of(cls, tree: MappingTree) -> AddressMap:
+        """A map stored in `tree`, which holds normalised entries already."""
+        new = cls.__new__(cls)
+        new._tree, new._hash = tree, None
+        return new
 
     # -- reading ------------------------------------------------------------
     @property
     def entries(self) -> tuple[Mapping, ...]:
-        return self._entries
+        return tuple(self._tree)
+
+    @property
+    def tree(self) -> MappingTree:
+        """The entries as stored: iterate or search them without copying."""
+        return self._tree
 
     def __iter__(self) -> Iterator[Mapping]:
-        return iter(self._entries)
+        return iter(self._tree)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._tree)
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return bool(self._tree)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AddressMap):
             return NotImplemented
-        return self._entries == other._entries
+        return self._tree == other._tree  # normalised: the same translation is the same entries
 
     def __hash__(self) -> int:
-        return hash(self._entries)
+        if self._hash is None:
+            self._hash = hash(self._tree)
+        return self._hash
 
     def __repr__(self) -> str:
-        return f"AddressMap({list(self._entries)!r})"
+        return f"AddressMap({list(self._tree)!r})"
 
     @property
     def mapped_bytes(self) -> int:
-        return sum(m.size for m in self._entries)
+        return self._tree.nbytes
 
     def lookup(self, iova: int) -> Mapping | None:
         """The entry that contains `iova`, if any."""
-        index = bisect.bisect_right(self._starts, iova) - 1
-        if index >= 0 and iova < self._entries[index].end:
-            return self._entries[index]
-        return None
+        entry = self._tree.floor(iova)
+        return entry if entry is not None and iova < entry.end else None
 
     def overlapping(self, iova: int, size: int) -> list[Mapping]:
         """Entries that intersect [iova, iova + size)."""
-        end = iova + size
-        index = max(bisect.bisect_right(self._starts, iova) - 1, 0)
-        found = []
-        for entry in self._entries[index:]:
-            if entry.iova >= end:
-                break
-            if entry.end > iova:
-                found.append(entry)
-        return found
+        return list(self._tree.overlapping(iova, iova + size))
 
     def matches(self, unit: Mapping) -> bool:
         """Every byte of `unit` translates here exactly as `unit` says."""
@@ -172,42 +181,60 @@ class AddressMap:
 
     # -- changing (new maps) ---------------------------------------------------
     def mapped(self, mapping: Mapping) -> AddressMap:
-        clash = self.overlapping(mapping.iova, mapping.size)
-        if clash:
-            raise OverlapError(f"{describe_range(mapping.iova, mapping.size)} overlaps {clash[0]}, "
+        if mapping.size <= 0:
+            raise ValueError(f"{mapping} has no size")
+        clash = next(self._tree.overlapping(mapping.iova, mapping.end), None)
+        if clash is not None:
+            raise OverlapError(f"{describe_range(mapping.iova, mapping.size)} overlaps {clash}, "
                                "which is mapped already (unmap it first)")
-        return AddressMap(self._entries + (mapping,))
+        tree = self._tree
+        # Normalised: a neighbour that the new mapping continues (or that continues it) becomes one with it.
+        before = tree.floor(mapping.iova - 1)
+        if before is not None and before.continued_by(mapping):
+            tree = tree.removed(before)
+            mapping = Mapping(before.iova, before.size + mapping.size, before.region, before.offset, before.perm)
+        after = tree.floor(mapping.end)
+        if after is not None and mapping.continued_by(after):
+            tree = tree.removed(after)
+            mapping = Mapping(mapping.iova, mapping.size + after.size, mapping.region, mapping.offset, mapping.perm)
+        return AddressMap._of(tree.inserted(mapping))
 
     def unmapped(self, iova: int, size: int) -> AddressMap:
         """This map without [iova, iova + size); entries partly inside keep their outer parts."""
         end = iova + size
-        kept: list[Mapping] = []
-        for entry in self._entries:
-            if entry.end <= iova or entry.iova >= end:
-                kept.append(entry)
-                continue
-            if entry.iova < iova:
-                kept.append(entry.piece(entry.iova, iova))
-            if end < entry.end:
-                kept.append(entry.piece(end, entry.end))
-        return AddressMap(kept)
+        cut = list(self._tree.overlapping(iova, end))
+        if not cut:
+            return self
+        tree = self._tree
+        for entry in cut:
+            tree = tree.removed(entry)
+        # The outer parts stay normalised: their outer neighbours did not continue the whole entry either.
+        if cut[0].iova < iova:
+            tree = tree.inserted(cut[0].piece(cut[0].iova, iova))
+        if end < cut[-1].end:
+            tree = tree.inserted(cut[-1].piece(end, cut[-1].end))
+        return AddressMap._of(tree)
 
     def without(self, units: Iterable[Mapping]) -> list[Mapping]:
         """The parts of this map not covered by `units` (sorted, non-overlapping, all inside the map)."""
-        holes = sorted(units, key=lambda u: u.iova)
+        # One walk over both in IOVA order; a full plan spends much of its time here.
+        holes = [(u.iova, u.iova + u.size) for u in sorted(units, key=lambda u: u.iova)]
+        count = len(holes)
         pieces: list[Mapping] = []
         index = 0
-        for entry in self._entries:
-            cursor = entry.iova
-            while index < len(holes) and holes[index].end <= entry.iova:
+        for entry in self._tree:
+            cursor, end = entry.iova, entry.iova + entry.size
+            while index < count and holes[index][1] <= cursor:
                 index += 1
             scan = index
-            while scan < len(holes) and holes[scan].iova < entry.end:
-                hole = holes[scan]
-                if hole.iova > cursor:
-                    pieces.append(entry.piece(cursor, hole.iova))
-                cursor = max(cursor, hole.end)
+            while scan < count and holes[scan][0] < end:
+                hole_start, hole_end = holes[scan]
+                if hole_start > cursor:
+                    pieces.append(entry.piece(cursor, hole_start))
+                cursor = max(cursor, hole_end)
                 scan += 1
-            if cursor < entry.end:
-                pieces.append(entry.piece(cursor, entry.end))
+            if scan == index:
+                pieces.append(entry)  # no hole in it: the entry itself
+            elif cursor < end:
+                pieces.append(entry.piece(cursor, end))
         return pieces

@@ -1,0 +1,221 @@
+"""A persistent B+tree of mappings keyed by IOVA: the storage of address maps and kernel units.
+
+A domain may hold 100k mappings and change thousands of times a second, and a
+transaction reads a snapshot without the engine's lock. So every change
+returns a new tree that shares all but the O(log n) nodes on the path it
+changed (path copying), and nodes are never modified once built: a snapshot
+stays valid for ever, at no cost.
+
+The tree stores mappings sorted by IOVA and trusts its caller that they do not
+overlap (AddressMap and the plan check it); it neither merges nor splits them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vdpad.iotlb.space import Mapping
+
+#: Most items in a node: wide enough for a shallow tree (4 levels at 100k),
+#: small enough that copying a node's tuple on a change stays cheap.
+FANOUT = 32
+_LEAST = FANOUT // 2  # a node below this is merged with, or refilled from, a neighbour
+
+
+class _Node:
+    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item."""
+
+    __slots__ = ("keys", "items", "leaf", "count", "nbytes")
+
+    def __init__(self, items: tuple, leaf: bool):
+        self.items, self.leaf = items, leaf
+        if leaf:
+            self.keys = tuple(m.iova for m in items)
+            self.count = len(items)
+            self.nbytes = sum(m.size for m in items)
+        else:
+            self.keys = tuple(child.keys[0] for child in items)
+            self.count = sum(child.count for child in items)
+            self.nbytes = sum(child.nbytes for child in items)
+
+
+def _nodes(items: Sequence, leaf: bool) -> list[_Node]:
+    """`items` cut into the fewest nodes of at most FANOUT, all of about the same size."""
+    parts = -(-len(items) // FANOUT)
+    return [_Node(tuple(items[i * len(items) // parts:(i + 1) * len(items) // parts]), leaf) for i in range(parts)]
+
+
+def _insert(node: _Node, entry: Mapping) -> tuple[_Node, ...]:
+    """The node with `entry` added: one node, or two when it overflowed."""
+    if node.leaf:
+        index = bisect_right(node.keys, entry.iova)
+        items = (*node.items[:index], entry, *node.items[index:])
+    else:
+        index = max(bisect_right(node.keys, entry.iova) - 1, 0)
+        items = (*node.items[:index], *_insert(node.items[index], entry), *node.items[index + 1:])
+    if len(items) <= FANOUT:
+        return (_Node(items, node.leaf),)
+    half = len(items) // 2
+    return _Node(items[:half], node.leaf), _Node(items[half:], node.leaf)
+
+
+def _delete(node: _Node, entry: Mapping) -> _Node | None:
+    """The node without `entry` (None when nothing is left); KeyError if it is not there."""
+    index = bisect_right(node.keys, entry.iova) - 1
+    if index < 0:
+        raise KeyError(entry)
+    if node.leaf:
+        if node.items[index] is not entry and node.items[index] != entry:
+            raise KeyError(entry)
+        items = node.items[:index] + node.items[index + 1:]
+        return _Node(items, True) if items else None
+    child = _delete(node.items[index], entry)
+    if child is None:
+        replacement: tuple[_Node, ...] = ()
+        first, last = index, index
+    elif len(child.items) >= _LEAST or len(node.items) == 1:
+        replacement = (child,)
+        first, last = index, index
+    else:  # too small: share a neighbour's items, as one node or two halves
+        first, last = (index - 1, index) if index > 0 else (index, index + 1)
+        left, right = (node.items[first], child) if first < index else (child, node.items[last])
+        replacement = tuple(_nodes(left.items + right.items, child.leaf))
+    items = node.items[:first] + replacement + node.items[last + 1:]
+    return _Node(items, False) if items else None
+
+
+def _leaves(node: _Node) -> Iterator[tuple]:
+    """The leaves' tuples in order (iterating their items through one chain is far cheaper than nested yields)."""
+    if node.leaf:
+        yield node.items
+    else:
+        for child in node.items:
+            yield from _leaves(child)
+
+
+def _walk(node: _Node) -> Iterator[Mapping]:
+    return chain.from_iterable(_leaves(node))
+
+
+def _walk_from(node: _Node, iova: int) -> Iterator[Mapping]:
+    """The entries from the last one that starts at or before `iova` (or the first) onwards."""
+    index = max(bisect_right(node.keys, iova) - 1, 0)
+    if node.leaf:
+        yield from node.items[index:]
+        return
+    yield from _walk_from(node.items[index], iova)
+    for child in node.items[index + 1:]:
+        yield from _walk(child)
+
+
+class MappingTree:
+    """An immutable sorted collection of non-overlapping mappings; changes return new trees.
+
+    It reads like a tuple of its mappings in IOVA order (and equals that tuple);
+    lookups, inserts and removals are O(log n), `len` and `nbytes` O(1).
+    """
+
+    __slots__ = ("_root",)
+
+    def __init__(self, entries: Iterable[Mapping] = ()):
+        """From mappings already sorted by IOVA, in O(n)."""
+        level = _nodes(list(entries), True)
+        while len(level) > 1:
+            level = _nodes(level, False)
+        self._root: _Node | None = level[0] if level else None
+
+    @classmethod
+    def _of(cls, root: _Node | None) -> MappingTree:
+        # A root with one child is one level too deep: a search would pay for it every time.
+        while root is not None and not root.leaf and len(root.items) == 1:
+            root = root.items[0]
+        tree = cls.__new__(cls)
+        tree._root = root
+        return tree
+
+    @classmethod
+    def of(cls, entries: Iterable[Mapping]) -> MappingTree:
+        """A tree as it is, or one built from mappings in any order."""
+        if isinstance(entries, MappingTree):
+            return entries
+        return cls(sorted(entries, key=lambda m: m.iova))
+
+    # -- reading ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Mapping]:
+        return _walk(self._root) if self._root is not None else iter(())
+
+    def __len__(self) -> int:
+        return self._root.count if self._root is not None else 0
+
+    def __bool__(self) -> bool:
+        return self._root is not None
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the mappings cover."""
+        return self._root.nbytes if self._root is not None else 0
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, MappingTree):
+            if other._root is self._root:
+                return True
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        if isinstance(other, (tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))  # the hash of the tuple it equals
+
+    def __repr__(self) -> str:
+        return f"MappingTree({list(self)!r})"
+
+    def floor(self, iova: int) -> Mapping | None:
+        """The last mapping that starts at or before `iova`."""
+        node = self._root
+        if node is None:
+            return None
+        while True:
+            index = bisect_right(node.keys, iova) - 1
+            if index < 0:
+                return None
+            if node.leaf:
+                return node.items[index]
+            node = node.items[index]
+
+    def following(self, iova: int) -> Mapping | None:
+        """The first mapping that starts at or after `iova`."""
+        return next(self.starting_from(iova), None)
+
+    def starting_from(self, iova: int) -> Iterator[Mapping]:
+        """The mappings that start at or after `iova`, in order."""
+        if self._root is None:
+            return iter(())
+        return (m for m in _walk_from(self._root, iova) if m.iova >= iova)
+
+    def overlapping(self, iova: int, end: int) -> Iterator[Mapping]:
+        """The mappings that intersect [iova, end), in order."""
+        if self._root is None:
+            return
+        for entry in _walk_from(self._root, iova):
+            if entry.iova >= end:
+                return
+            if entry.end > iova:
+                yield entry
+
+    # -- changing (new trees) ------------------------------------------------------------
+    def inserted(self, entry: Mapping) -> MappingTree:
+        if self._root is None:
+            return MappingTree._of(_Node((entry,), True))
+        parts = _insert(self._root, entry)
+        return MappingTree._of(parts[0] if len(parts) == 1 else _Node(parts, False))
+
+    def removed(self, entry: Mapping) -> MappingTree:
+        """This tree without `entry`, which must be in it (KeyError otherwise)."""
+        if self._root is None:
+            raise KeyError(entry)
+        return MappingTree._of(_delete(self._root, entry))
