@@ -130,10 +130,18 @@ struct vhost_vdpa_iova_range { uint64_t first; uint64_t last; };
  * so a worker thread blocked in the kernel (pinning pages) blocks nobody. */
 int vdpad_ioctl_none(int fd, unsigned long request);
 int vdpad_ioctl_ptr(int fd, unsigned long request, void *arg);
+
+/* IOTLB messages packed back to back, `size` bytes each, written one per
+ * write() (the kernel takes one message per call) until one is refused.
+ * Returns how many the kernel took; *error is the refusal's errno, 0 when it
+ * took them all. The GIL is released for the whole loop. */
+size_t vdpad_write_each(int fd, const char *messages, size_t size, size_t count, int *error);
 """
 
 SOURCE = r"""
+#include <errno.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 #include <linux/vhost.h>
 
 /* Newer than the 6.1 uapi of Debian bookworm; values from 6.12. */
@@ -173,6 +181,26 @@ static int vdpad_ioctl_none(int fd, unsigned long request)
 static int vdpad_ioctl_ptr(int fd, unsigned long request, void *arg)
 {
     return ioctl(fd, request, arg);
+}
+
+static size_t vdpad_write_each(int fd, const char *messages, size_t size, size_t count, int *error)
+{
+    size_t taken;
+
+    *error = 0;
+    for (taken = 0; taken < count; taken++) {
+        ssize_t written;
+
+        do  /* as os.write does (PEP 475): a signal is no refusal */
+            written = write(fd, messages + taken * size, size);
+        while (written < 0 && errno == EINTR);
+        if (written != (ssize_t)size) {
+            /* vhost takes a message whole or refuses it: a short count would be new, told as EIO */
+            *error = written < 0 ? errno : EIO;
+            break;
+        }
+    }
+    return taken;
 }
 """
 

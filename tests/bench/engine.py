@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vdpad.device import MessageType
 from vdpad.device.flags import BackendFeature, DeviceStatus
-from vdpad.device.iotlb_msg import IotlbMessage
+from vdpad.device.iotlb_msg import IotlbBatch, IotlbMessage
 from vdpad.device.vdpa import IovaRange
 from vdpad.iotlb import PAGE_SIZE, AddressMap, DeviceIotlb, Mapping, MemoryRegion, Perm
 from vdpad.iotlb.engine import BASE_FEATURES
@@ -74,6 +74,13 @@ class BenchDevice:
 
     def write_iotlb(self, message: IotlbMessage) -> None:
         self.written[message.type] += 1
+
+    def write_iotlb_batch(self, batch: IotlbBatch) -> int:
+        self.written[MessageType.BATCH_BEGIN] += batch.begin
+        self.written[MessageType.INVALIDATE] += len(batch.invalidate)
+        self.written[MessageType.UPDATE] += len(batch.update)
+        self.written[MessageType.BATCH_END] += batch.end
+        return len(batch)
 
 
 def timed(work: Callable[[], object]) -> float:

@@ -21,7 +21,7 @@ import trio
 from structlog.testing import capture_logs
 
 from tests.sim import debug_logging, sim_mode
-from vdpad.device import BackendFeature, InvalidArgument, IotlbMessage, MessageType, VhostError, VhostVdpa
+from vdpad.device import BackendFeature, InvalidArgument, IotlbBatch, IotlbMessage, MessageType, VhostError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, Mapping, MemoryRegion, Perm
 from vdpad.mgmt.parent import MapKind
 
@@ -572,3 +572,51 @@ def _try(call):
         return call()
     except Exception as error:  # noqa: BLE001 - the test looks at what came back
         return error
+
+
+# -- the write loop ---------------------------------------------------------------------------
+def test_a_batch_written_by_the_c_loop_is_held_by_the_kernel(net):
+    dev, iotlb, a, b, scratch = net
+    batch = IotlbBatch(0, [], [(BASE, P, a.address, Perm.RO), (BASE + 2 * P, P, a.address + P, Perm.RW)],
+                       begin=True, end=True)
+    assert dev.write_iotlb_batch(batch) == 4
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 2 * P)
+    assert not occupied(dev, scratch, BASE + P)
+    assert dev.write_iotlb_batch(IotlbBatch(0, [(BASE, 3 * P)], begin=True, end=True)) == 3
+    assert not occupied(dev, scratch, BASE) and not occupied(dev, scratch, BASE + 2 * P)
+
+
+def test_a_batch_refused_half_way_reports_what_the_kernel_took(net):
+    dev, iotlb, a, b, scratch = net
+    dev.write_iotlb(IotlbMessage(UPDATE, BASE + 4 * P, P, scratch.address, Perm.RO))  # in the way
+    update = [(BASE + 2 * i * P, P, a.address + i * P, Perm.RW) for i in range(4)]   # the third meets it
+    with pytest.raises(VhostError) as refused:
+        dev.write_iotlb_batch(IotlbBatch(0, [], update, begin=True))
+    assert refused.value.errno == errno.EFAULT and refused.value.accepted == 3  # BATCH_BEGIN and two UPDATEs
+    assert f"iova={BASE + 4 * P:#x}" in str(refused.value)
+    dev.write_iotlb(IotlbMessage(END))
+    assert occupied(dev, scratch, BASE) and occupied(dev, scratch, BASE + 2 * P)
+    assert not occupied(dev, scratch, BASE + 6 * P)
+    dev.write_iotlb(IotlbMessage(INVALIDATE, BASE, 8 * P))
+
+
+def test_recorders_and_debug_events_see_every_message_of_a_commit(vdpa_net):
+    # The regions outlive the fd; the device is opened at debug level, so it logs every write.
+    with debug_logging(), capture_logs() as events, MemoryRegion(64 * P, "a") as a, \
+            MemoryRegion(P, "scratch") as scratch, VhostVdpa(vdpa_net.node) as dev:
+        dev.set_owner()
+        iotlb = DeviceIotlb(dev)
+        seen = []
+        iotlb.add_recorder(seen.append)
+        with iotlb.record() as trace:
+            with iotlb.transaction(0) as tx:
+                for i in range(32):
+                    tx.map(BASE + 2 * i * P, a, i * P, P)
+        iotlb.remove_recorder(seen.append)
+        writes = [(e["type"], e["iova"]) for e in events if e["event"] == "iotlb.write"]
+        wanted = [(BEGIN, 0, 0, 0, True)] + [(UPDATE, BASE + 2 * i * P, P, 0, True) for i in range(32)] + [
+            (END, 0, 0, 0, True)]
+        assert kinds(trace) == kinds(seen) == wanted
+        assert writes == [(kind.name, iova) for kind, iova, *_ in wanted]
+        assert all(occupied(dev, scratch, BASE + 2 * i * P) for i in range(32))
+        assert not occupied(dev, scratch, BASE + P)

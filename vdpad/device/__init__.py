@@ -20,14 +20,14 @@ from vdpad.device.fd import DirtyLog, VhostFd
 from vdpad.device.flags import (
     BackendFeature, BlkFeature, DeviceStatus, NetFeature, VirtioDeviceId, VirtioFeature,
 )
-from vdpad.device.iotlb_msg import Access, CodecError, IotlbMessage, MessageType, Version
+from vdpad.device.iotlb_msg import Access, CodecError, IotlbBatch, IotlbMessage, MessageType, Version
 from vdpad.device.net import GuestRegion, VhostNet
 from vdpad.device.vdpa import IovaRange, VhostVdpa
 from vdpad.device.vring import VringAddr, VringEndian
 
 __all__ = [
     "Access", "BackendFeature", "BlkFeature", "CodecError", "DeviceStatus", "DirtyLog", "EventFd", "GuestRegion",
-    "InvalidArgument", "IotlbMessage", "IotlbWriteError", "IovaRange", "MessageType", "NetFeature", "NotSupportedError",
+    "InvalidArgument", "IotlbBatch", "IotlbMessage", "IotlbWriteError", "IovaRange", "MessageType", "NetFeature", "NotSupportedError",
     "Version", "VhostError", "VhostFd", "VhostNet", "VhostVdpa", "VirtioDeviceId", "VirtioFeature", "VringAddr",
     "VringEndian",
 ]

@@ -45,10 +45,12 @@ class VhostError(OSError):
 
 
 class IotlbWriteError(VhostError):
-    """An IOTLB message the kernel refused."""
+    """An IOTLB message the kernel refused; `accepted`: how many of its batch the kernel took before it."""
 
-    def __init__(self, errno: int, op: str, device: str, args: dict[str, object] | None = None):
+    def __init__(self, errno: int, op: str, device: str, args: dict[str, object] | None = None,
+                 accepted: int = 0):
         super().__init__(errno, op, device, args)
+        self.accepted = accepted
         if errno == _errno.EFAULT:
             # vhost answers every IOTLB-handler error (range, overlap, memlock...) with EFAULT.
             self.strerror += " (the kernel's answer to any IOTLB error: overlap, range, owner or memlock)"

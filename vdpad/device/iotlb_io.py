@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 
-from vdpad.device.errors import IotlbWriteError, VhostError
+from vdpad._uapi import ffi, lib
+from vdpad.device.errors import InvalidArgument, IotlbWriteError, VhostError
 from vdpad.device.features import Features
 from vdpad.device.flags import BackendFeature
-from vdpad.device.iotlb_msg import CodecError, IotlbMessage, MessageType, Version
+from vdpad.device.iotlb_msg import CodecError, IotlbBatch, IotlbMessage, MessageType, Version
 
 _READ_SIZE = max(Version.V1.size, Version.V2.size)
 
@@ -26,8 +28,21 @@ class IotlbWriter(Features):
     def iotlb_version(self) -> Version:
         return Version.V2 if BackendFeature.IOTLB_MSG_V2 in self.acked_backend_features else Version.V1
 
-    def _check_iotlb(self, op: str, message: IotlbMessage) -> None:
-        """What the device knows beyond the message itself (address spaces)."""
+    def _check_iotlb(self, op: str, asid: int, update: tuple[int, int] | None) -> None:
+        """What the device knows beyond the messages themselves: its address spaces, the IOVAs `update`
+        ((iova, size) that UPDATEs cover, None without UPDATEs) may use."""
+
+    def _debugging(self) -> bool:
+        # A filtering logger says whether debug events go anywhere; any other logger is given every event.
+        enabled = getattr(self._log, "is_enabled_for", None)
+        return enabled is None or enabled(logging.DEBUG)
+
+    def _check_bracket(self, op: str, asid: int, *, bracket: MessageType | None) -> None:
+        acked = self.acked_backend_features
+        if asid and BackendFeature.IOTLB_ASID not in acked:
+            self._refuse(op, f"asid={asid} needs IOTLB_ASID acked first")
+        if bracket is not None and BackendFeature.IOTLB_BATCH not in acked:
+            self._refuse(op, f"{bracket.name} needs IOTLB_BATCH acked first")
 
     def write_iotlb(self, message: IotlbMessage) -> None:
         """Write one IOTLB message; v2 framing once IOTLB_MSG_V2 was acked."""
@@ -35,12 +50,9 @@ class IotlbWriter(Features):
         problem = message.problem_for_write()
         if problem:
             self._refuse(op, problem)
-        acked = self.acked_backend_features
-        if message.asid and BackendFeature.IOTLB_ASID not in acked:
-            self._refuse(op, f"asid={message.asid} needs IOTLB_ASID acked first")
-        if message.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END) and BackendFeature.IOTLB_BATCH not in acked:
-            self._refuse(op, f"{message.type.name} needs IOTLB_BATCH acked first")
-        self._check_iotlb(op, message)
+        self._check_bracket(op, message.asid, bracket=message.type
+                            if message.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END) else None)
+        self._check_iotlb(op, message.asid, (message.iova, message.size) if message.type is MessageType.UPDATE else None)
         version = self.iotlb_version
         data = message.encode(version)
         fields = _fields(message)
@@ -52,6 +64,44 @@ class IotlbWriter(Features):
             self._log.debug("iotlb.write", version=version.name, **fields, errno=errno.errorcode.get(error.errno))
             raise IotlbWriteError(error.errno, op, self.path, {k: v for k, v in fields.items() if k != "type"}) from None
         self._log.debug("iotlb.write", version=version.name, **fields)
+
+    def write_iotlb_batch(self, batch: IotlbBatch) -> int:
+        """Write every message of `batch` in order, by one C loop (GIL released), one write() each.
+
+        The checks of write_iotlb are made for the whole batch before
+        anything is written (InvalidArgument: nothing was sent). Returns how
+        many messages the kernel took, all of them; a refusal raises
+        IotlbWriteError for the refused message, `.accepted` telling how many
+        before it the kernel took (and holds).
+        """
+        op = "IOTLB batch"
+        if found := batch.problem_for_write():
+            index, problem = found
+            self._refuse(op, f"message {index}: {problem}")
+        bracket = MessageType.BATCH_BEGIN if batch.begin else MessageType.BATCH_END if batch.end else None
+        self._check_bracket(op, batch.asid, bracket=bracket)
+        try:
+            self._check_iotlb(op, batch.asid, batch.update_span())
+        except InvalidArgument:  # the span is outside: name the first message that is
+            for iova, size, *_ in batch.update:
+                self._check_iotlb(op, batch.asid, (iova, size))
+            raise
+        version = self.iotlb_version
+        data = batch.pack(version)
+        error = ffi.new("int *")
+        with self._owned.use() as fd:
+            # SAFETY: `data` holds len(batch) whole messages of version.size bytes, alive for the call.
+            accepted = lib.vdpad_write_each(fd, data, version.size, len(batch), error)
+        refused = error[0]
+        if refused or self._debugging():
+            messages = batch.messages()
+            for message in messages[:accepted]:
+                self._log.debug("iotlb.write", version=version.name, **_fields(message))
+        if refused:
+            fields = _fields(messages[accepted])
+            self._log.debug("iotlb.write", version=version.name, **fields, errno=errno.errorcode.get(refused))
+            raise IotlbWriteError(refused, f"IOTLB {fields.pop('type')}", self.path, fields, accepted=accepted)
+        return accepted
 
 
 class IotlbReader(Features):

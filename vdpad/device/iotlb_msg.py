@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add
 
 from vdpad._uapi import ffi, lib
 from vdpad.device.core import U32, U64
@@ -38,6 +42,29 @@ class Version(enum.IntEnum):
     @property
     def size(self) -> int:
         return ffi.sizeof(self.struct)
+
+    @property
+    def layout(self) -> struct.Struct:
+        """The message as a struct format, fields in order: version word, (asid,) iova, size, uaddr, perm, type."""
+        return _LAYOUTS[self]
+
+
+def _layout(version: Version) -> struct.Struct:
+    # Read off the C struct cffi compiled from the uapi header: the layout's one home stays the kernel's.
+    fields = [(0, "I")] + ([(ffi.offsetof(version.struct, "asid"), "I")] if version is Version.V2 else [])
+    base = ffi.offsetof(version.struct, "iotlb")
+    for name, code in (("iova", "Q"), ("size", "Q"), ("uaddr", "Q"), ("perm", "B"), ("type", "B")):
+        fields.append((base + ffi.offsetof("struct vhost_iotlb_msg", name), code))
+    fmt, at = "=", 0
+    for offset, code in fields:
+        fmt += f"{offset - at}x{code}"
+        at = offset + struct.calcsize("=" + code)
+    layout = struct.Struct(f"{fmt}{version.size - at}x")
+    assert layout.size == version.size, (fmt, version.size)
+    return layout
+
+
+_LAYOUTS = {version: _layout(version) for version in Version}
 
 
 # The message types the kernel's write handler acts on; it answers any other with EFAULT.
@@ -136,3 +163,112 @@ class IotlbMessage:
         ffi.memmove(msg, data, version.size)
         return cls(msg.iotlb.type, msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr, msg.iotlb.perm,
                    msg.asid if version is Version.V2 else 0)
+
+
+@dataclass(frozen=True)
+class IotlbBatch:
+    """The messages of one change to one address space, in the order vhost-vdpa takes them.
+
+    BATCH_BEGIN (when `begin`), the INVALIDATEs, the UPDATEs, BATCH_END
+    (when `end`). Kept as plain tuples, packed at once for one write loop:
+    no IotlbMessage per message unless one is asked for (`messages()`).
+    """
+
+    asid: int = 0
+    invalidate: Sequence[tuple[int, int]] = ()  # (iova, size)
+    update: Sequence[tuple[int, int, int, int]] = ()  # (iova, size, uaddr, perm)
+    begin: bool = False
+    end: bool = False
+
+    def __len__(self) -> int:
+        return self.begin + len(self.invalidate) + len(self.update) + self.end
+
+    def messages(self) -> list[IotlbMessage]:
+        asid = self.asid
+        return ([IotlbMessage(MessageType.BATCH_BEGIN, asid=asid)] * self.begin
+                + [IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid) for iova, size in self.invalidate]
+                + [IotlbMessage(MessageType.UPDATE, *row, asid=asid) for row in self.update]
+                + [IotlbMessage(MessageType.BATCH_END, asid=asid)] * self.end)
+
+    def _columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """iova, size, uaddr, perm and type of every message, in order (built by C-level list operations)."""
+        invalidated, updated = len(self.invalidate), len(self.update)
+        inv = list(zip(*self.invalidate)) or [(), ()]
+        upd = list(zip(*self.update)) or [(), (), (), ()]
+        head, tail = [0] * self.begin, [0] * self.end
+        types = ([MessageType.BATCH_BEGIN] * self.begin + [MessageType.INVALIDATE] * invalidated
+                 + [MessageType.UPDATE] * updated + [MessageType.BATCH_END] * self.end)
+        return ([*head, *inv[0], *upd[0], *tail], [*head, *inv[1], *upd[1], *tail],
+                [*head, *repeat(0, invalidated), *upd[2], *tail], [*head, *repeat(0, invalidated), *upd[3], *tail], types)
+
+    def problem_for_write(self) -> tuple[int, str] | None:
+        """(index, problem) of the first message the kernel would refuse when written, or None.
+
+        The common case, every message plainly well formed, is told in bulk;
+        otherwise each message is asked (IotlbMessage.problem_for_write: the
+        rules' one home), and a value that does not fit its field raises
+        CodecError as building that message would.
+        """
+        if self._plainly_writable():
+            return None
+        for index, message in enumerate(self.messages()):
+            if problem := message.problem_for_write():
+                return index, problem
+        return None
+
+    def _plainly_writable(self) -> bool:
+        # What problem_for_write asks of each message, over whole columns; anything unusual
+        # (a bound reached, a bad perm) falls to the message-by-message check.
+        if not 0 <= self.asid <= U32:
+            return False
+        if self.invalidate:
+            iovas, sizes = zip(*self.invalidate)
+            if min(iovas) < 0 or min(sizes) <= 0 or max(sizes) > U64 or max(map(add, iovas, sizes)) > U64 + 1:
+                return False
+        if self.update:
+            iovas, sizes, uaddrs, perms = zip(*self.update)
+            if (min(iovas) < 0 or min(sizes) <= 0 or max(sizes) > U64 or min(uaddrs) < 0
+                    or max(map(add, iovas, sizes)) > U64 + 1
+                    or max(map(add, uaddrs, sizes)) > U64 + 1 or not set(perms) <= _UPDATE_PERMS):
+                return False
+        return True
+
+    def update_span(self) -> tuple[int, int] | None:
+        """(iova, size) from the lowest UPDATE to the end of the highest, None without UPDATEs."""
+        if not self.update:
+            return None
+        iovas, sizes = list(zip(*self.update))[:2]
+        first = min(iovas)
+        return first, max(map(add, iovas, sizes)) - first
+
+    def pack(self, version: Version = Version.V2) -> bytes:
+        """Every message framed as IotlbMessage.encode frames it, back to back."""
+        if version is Version.V1 and self.asid:
+            raise CodecError(f"asid={self.asid} needs a v2 message")
+        head = (repeat(version), repeat(self.asid)) if version is Version.V2 else (repeat(version),)
+        try:
+            return b"".join(map(version.layout.pack, *head, *self._columns()))
+        except struct.error:
+            for message in self.messages():  # names the value that does not fit
+                message.encode(version)
+            raise
+
+    @classmethod
+    def of(cls, messages: Sequence[IotlbMessage]) -> IotlbBatch:
+        """The batch that writes `messages` (CodecError when they are not in a batch's shape)."""
+        if not messages:
+            return cls()
+        asid = messages[0].asid
+        begin = messages[0].type is MessageType.BATCH_BEGIN
+        end = len(messages) > begin and messages[-1].type is MessageType.BATCH_END
+        body = messages[begin:len(messages) - end]
+        invalidate = [(m.iova, m.size) for m in body if m.type is MessageType.INVALIDATE]
+        update = [(m.iova, m.size, m.uaddr, m.perm) for m in body if m.type is MessageType.UPDATE]
+        batch = cls(asid, invalidate, update, begin, end)
+        if batch.messages() != list(messages):
+            raise CodecError("a batch is one address space: BATCH_BEGIN?, INVALIDATEs, UPDATEs, BATCH_END?, "
+                             "each bracket message bare (no range)")
+        return batch
+
+
+_UPDATE_PERMS = frozenset({Access.RO, Access.WO, Access.RW})

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from vdpad._uapi import ffi, lib
 from vdpad.device.fd import VhostFd
 from vdpad.device.flags import DeviceStatus, describe
-from vdpad.device.iotlb_msg import IotlbMessage, MessageType
+from vdpad.device.iotlb_msg import IotlbMessage
 
 T = TypeVar("T")
 
@@ -170,12 +170,13 @@ class VhostVdpa(VhostFd):
             self._refuse(op, f"asid={asid} is out of range: the device has {spaces} address spaces")
         self._vring_state(op, lib.VHOST_VDPA_SET_GROUP_ASID, group, asid, index_name="group", asid=asid)
 
-    def _check_iotlb(self, op: str, message: IotlbMessage) -> None:
+    def _check_iotlb(self, op: str, asid: int, update: tuple[int, int] | None) -> None:
         spaces = self._known("address_spaces", self.get_as_num)
-        if message.asid >= spaces:
-            self._refuse(op, f"asid={message.asid} is out of range: the device has {spaces} address spaces")
-        if message.type is MessageType.UPDATE:
+        if asid >= spaces:
+            self._refuse(op, f"asid={asid} is out of range: the device has {spaces} address spaces")
+        if update is not None:
             window = self._known("iova_range", self.get_iova_range)
-            if (message.iova, message.size) not in window:
-                self._refuse(op, f"iova={message.iova:#x} size={message.size:#x} is outside the device's "
+            if update not in window:
+                iova, size = update
+                self._refuse(op, f"iova={iova:#x} size={size:#x} is outside the device's "
                                  f"IOVA range {window.first:#x}..{window.last:#x}")

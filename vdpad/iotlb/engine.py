@@ -15,11 +15,11 @@ import trio
 
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
 from vdpad.device.flags import BackendFeature, DeviceStatus, describe
-from vdpad.device.iotlb_msg import Access, IotlbMessage, MessageType
+from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType
 from vdpad.device.vdpa import IovaRange, VhostVdpa
 from vdpad.iotlb.memory import PAGE_SIZE, MemoryRegion
 from vdpad.iotlb.plan import (
-    Plan, after_invalidate, after_update, replay, transition, unmapped_meanwhile, update_message,
+    Plan, after_invalidate, after_update, replay, transition, unmapped_meanwhile,
 )
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
@@ -314,12 +314,12 @@ class DeviceIotlb:
         self._track(page)  # nobody else knows the page: no close() to wait for
         unit = Mapping(first, PAGE_SIZE, page, 0, Access.RO)
         try:
-            self._run(asid, space, Plan((), (unit,), (unit,)))
+            self._run(asid, space, Plan((), (unit,), after_update(space.units, unit)))
         except BaseException:
             page.close()  # refused: never mapped
             raise
         # Refused, the page stays open: the kernel maps it, and the unit that says so keeps it alive.
-        self._run(asid, space, Plan(((first, PAGE_SIZE),), (), ()))
+        self._run(asid, space, Plan(((first, PAGE_SIZE),), (), after_invalidate(space.units, first, PAGE_SIZE)))
         space.needs_emptying = False
         page.close()
         self._log.debug("iotlb.emptied", asid=asid, iova=first)
@@ -482,34 +482,40 @@ class DeviceIotlb:
     def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: MappingTree | None = None) -> None:
         """Send `work` for one address space, inside one batch when batches are acked.
 
-        `space.units` follows the kernel message by message. If the kernel
-        refuses one and `undo_to` is given, the units are brought back to it
-        in the same batch, so a batching device never sees the half-way map.
+        BATCH_BEGIN, the work and BATCH_END go to the kernel in one write
+        loop; `space.units` is booked from how far it got. If the kernel
+        refuses a message of the work and `undo_to` is given, the units are
+        brought back to it in the same batch, so a batching device never sees
+        the half-way map.
         """
         self._end_batch()  # one the kernel did not see end, if any
-        if self.batching:
-            self._write(IotlbMessage(MessageType.BATCH_BEGIN, asid=asid))
-            self._open_batch = asid
+        batching = self.batching
         was_initial, space.initial = space.initial, False  # from here on only a reset brings it back
         space.in_step = False  # until the caller knows the whole change landed
+        end_refused = None
         try:
             try:
-                self._send(asid, space, work)
+                self._send(asid, space, work, begin=batching, end=batching)
             except REFUSED as refused:
-                if undo_to is None:
+                landed = getattr(refused, "accepted", 0) - batching  # messages of the work the kernel took
+                if batching and landed == len(work):
+                    end_refused = refused  # the work landed; the batch is open until a BATCH_END is taken
+                elif undo_to is None or landed < 0:
+                    raise  # no undo asked for, or BATCH_BEGIN refused: nothing was sent
+                else:
+                    try:
+                        self._send(asid, space, transition(space.units, undo_to))
+                    except REFUSED as undo:
+                        raise RollbackError(refused, undo, self._view(asid)) from refused
+                    refused.add_note(f"rolled back: AS {asid} holds what it held before the commit"
+                                     + (", but for the parent's initial map, which the first message replaced"
+                                        if was_initial else ""))
                     raise
-                try:
-                    self._send(asid, space, transition(space.units, undo_to))
-                except REFUSED as undo:
-                    raise RollbackError(refused, undo, self._view(asid)) from refused
-                refused.add_note(f"rolled back: AS {asid} holds what it held before the commit"
-                                 + (", but for the parent's initial map, which the first message replaced"
-                                    if was_initial else ""))
-                raise
         except BaseException as error:
             self._end_batch(during=error)
             raise
-        self._end_batch()
+        if end_refused is not None:
+            raise end_refused
         space.needs_emptying = False  # whatever was sent replaced the parent's initial map
 
     def _end_batch(self, *, during: BaseException | None = None) -> None:
@@ -527,28 +533,50 @@ class DeviceIotlb:
             return
         self._open_batch = None
 
-    def _send(self, asid: int, space: _Space, work: Plan) -> None:
-        # Each accepted message is booked in space.units before anything else runs.
-        for iova, size in work.invalidate:
-            message = IotlbMessage(MessageType.INVALIDATE, iova, size, asid=asid)
-            self._write(message, told=False)
-            space.units = after_invalidate(space.units, iova, size)
-            self._tell(Written(message))
-        for unit in work.update:
-            message = update_message(unit, asid)
-            self._write(message, told=False)
-            space.units = after_update(space.units, unit)
-            self._tell(Written(message))
+    def _send(self, asid: int, space: _Space, work: Plan, *, begin: bool = False, end: bool = False) -> None:
+        """Write `work` (after BATCH_BEGIN, before BATCH_END, when asked) by one write loop; book what landed."""
+        batch = IotlbBatch(asid, work.invalidate, [(u.iova, u.size, u.uaddr, u.perm) for u in work.update],
+                           begin=begin, end=end)
+        try:
+            self.dev.write_iotlb_batch(batch)
+        except REFUSED as error:
+            # A refusal before the loop (InvalidArgument) took nothing: its first message is the one told refused.
+            self._book(space, work, batch, getattr(error, "accepted", 0), error)
+            raise
+        self._book(space, work, batch, len(batch))
 
-    def _write(self, message: IotlbMessage, *, told: bool = True) -> None:
-        """Write one message; a refusal is told and raised, an acceptance told unless `told` is False."""
+    def _book(self, space: _Space, work: Plan, batch: IotlbBatch, accepted: int,
+              error: Exception | None = None) -> None:
+        """The kernel took the first `accepted` messages of `batch` (sending `work`), then refused `error`'s."""
+        if batch.begin and accepted:
+            self._open_batch = batch.asid
+        landed = max(accepted - batch.begin, 0)
+        if landed >= len(work):
+            space.units = work.units  # what the kernel holds once it took all of the work
+        else:  # message by message, as the kernel took them
+            units = space.units
+            for iova, size in work.invalidate[:landed]:
+                units = after_invalidate(units, iova, size)
+            for unit in work.update[:max(landed - len(work.invalidate), 0)]:
+                units = after_update(units, unit)
+            space.units = units
+        if batch.end and accepted == len(batch):
+            self._open_batch = None
+        if self._recorders:  # the trace costs nothing while nobody records
+            messages = batch.messages()
+            for message in messages[:accepted]:
+                self._tell(Written(message))
+            if error is not None and accepted < len(messages):
+                self._tell(Written(messages[accepted], error))
+
+    def _write(self, message: IotlbMessage) -> None:
+        """Write one message; told to the recorders, accepted or refused."""
         try:
             self.dev.write_iotlb(message)
         except REFUSED as error:
             self._tell(Written(message, error))
             raise
-        if told:
-            self._tell(Written(message))
+        self._tell(Written(message))
 
     def _tell(self, written: Written) -> None:
         for recorder in list(self._recorders):
