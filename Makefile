@@ -10,7 +10,7 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench bench-host clean
+.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench bench-host bench-messages clean
 
 all: install
 
@@ -66,6 +66,20 @@ bench-host: install
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m tests.bench.engine --out docs/bench
 	$(PY) -m tests.bench.plot_engine docs/bench/engine.json docs/bench/engine.png
+
+# What an IOTLB message costs (tests/bench/messages.py) in the VM: vdpad's paths
+# against the bare C write loop, and single transactions against the tree
+# before the batch path (MESSAGES_BASELINE, unpacked from git into build/);
+# docs/bench/messages.json and messages.png.
+MESSAGES_BASELINE ?= ae24656
+bench-messages: vm-prepare
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+	rm -rf build/baseline && mkdir -p build/baseline
+	git archive $(MESSAGES_BASELINE) vdpad | tar -x -C build/baseline
+	cp vdpad/_uapi.* build/baseline/vdpad/
+	$(HARNESS) run --collect $(CURDIR)/docs/bench -- \
+	  $(PY) -m tests.bench.messages --baseline build/baseline $(BENCH_ARGS)
+	$(PY) -m tests.bench.plot_messages docs/bench/messages.json docs/bench/messages.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info vdpad/_uapi.*
