@@ -23,7 +23,8 @@ def draw(report: dict, png: Path) -> None:
     ten_k = report["ten_k"]
     shown = [(key, label) for key, label in PATHS if key in ten_k]
     values = [ten_k[key]["us_per_message"] for key, _ in shown]
-    bars = left.bar([label for _, label in shown], values, color=["#777777", "#2a7ab0", "#2a7ab0", "#d0703c"][:len(shown)])
+    colours = ["#777777", "#2a7ab0", "#2a7ab0", "#d0703c"][:len(shown)]
+    bars = left.bar([label for _, label in shown], values, color=colours)
     left.bar_label(bars, labels=[f"{v:.1f}" for v in values])
     left.set_yscale("log")
     left.set_ylabel("µs per message (median run)")

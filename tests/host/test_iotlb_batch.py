@@ -52,7 +52,8 @@ def test_a_value_that_fits_no_field_is_named():
 
 def test_of_refuses_what_is_not_a_batch():
     with pytest.raises(CodecError, match="BATCH_BEGIN\\?, INVALIDATEs, UPDATEs"):
-        IotlbBatch.of([IotlbMessage(MessageType.UPDATE, 0, 1, 0, Access.RO), IotlbMessage(MessageType.INVALIDATE, 0, 1)])
+        IotlbBatch.of([IotlbMessage(MessageType.UPDATE, 0, 1, 0, Access.RO),
+                       IotlbMessage(MessageType.INVALIDATE, 0, 1)])
 
 
 def acked(dev: VhostNet, features: BackendFeature) -> None:

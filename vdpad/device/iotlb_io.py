@@ -29,8 +29,8 @@ class IotlbWriter(Features):
         return Version.V2 if BackendFeature.IOTLB_MSG_V2 in self.acked_backend_features else Version.V1
 
     def _check_iotlb(self, op: str, asid: int, update: tuple[int, int] | None) -> None:
-        """What the device knows beyond the messages themselves: its address spaces, the IOVAs `update`
-        ((iova, size) that UPDATEs cover, None without UPDATEs) may use."""
+        """What the device knows beyond the messages: its address spaces, and the IOVAs UPDATEs may use
+        (`update`: the (iova, size) they cover, None without UPDATEs)."""
 
     def _debugging(self) -> bool:
         # A filtering logger says whether debug events go anywhere; any other logger is given every event.
@@ -38,6 +38,7 @@ class IotlbWriter(Features):
         return enabled is None or enabled(logging.DEBUG)
 
     def _check_bracket(self, op: str, asid: int, *, bracket: MessageType | None) -> None:
+        """The features the messages need acked: IOTLB_ASID for asid > 0, IOTLB_BATCH for a BATCH_BEGIN/END."""
         acked = self.acked_backend_features
         if asid and BackendFeature.IOTLB_ASID not in acked:
             self._refuse(op, f"asid={asid} needs IOTLB_ASID acked first")
@@ -52,7 +53,8 @@ class IotlbWriter(Features):
             self._refuse(op, problem)
         self._check_bracket(op, message.asid, bracket=message.type
                             if message.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END) else None)
-        self._check_iotlb(op, message.asid, (message.iova, message.size) if message.type is MessageType.UPDATE else None)
+        update = (message.iova, message.size) if message.type is MessageType.UPDATE else None
+        self._check_iotlb(op, message.asid, update)
         version = self.iotlb_version
         data = message.encode(version)
         fields = _fields(message)

@@ -199,7 +199,8 @@ class IotlbBatch:
         types = ([MessageType.BATCH_BEGIN] * self.begin + [MessageType.INVALIDATE] * invalidated
                  + [MessageType.UPDATE] * updated + [MessageType.BATCH_END] * self.end)
         return ([*head, *inv[0], *upd[0], *tail], [*head, *inv[1], *upd[1], *tail],
-                [*head, *repeat(0, invalidated), *upd[2], *tail], [*head, *repeat(0, invalidated), *upd[3], *tail], types)
+                [*head, *repeat(0, invalidated), *upd[2], *tail],
+                [*head, *repeat(0, invalidated), *upd[3], *tail], types)
 
     def problem_for_write(self) -> tuple[int, str] | None:
         """(index, problem) of the first message the kernel would refuse when written, or None.

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 from vdpad._uapi import ffi, lib
 from vdpad.device.fd import VhostFd
 from vdpad.device.flags import DeviceStatus, describe
-from vdpad.device.iotlb_msg import IotlbMessage
 
 T = TypeVar("T")
 
