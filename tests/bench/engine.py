@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gc
 import json
 import platform
 import random
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.bench.common import timed
 from vdpad.device import MessageType
 from vdpad.device.flags import BackendFeature, DeviceStatus
 from vdpad.device.iotlb_msg import IotlbBatch, IotlbMessage
@@ -81,18 +80,6 @@ class BenchDevice:
         self.written[MessageType.UPDATE] += len(batch.update)
         self.written[MessageType.BATCH_END] += batch.end
         return len(batch)
-
-
-def timed(work: Callable[[], object]) -> float:
-    """Seconds `work` takes, the garbage collector held off (it would bill one run for another's garbage)."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def best_of(runs: int, work: Callable[[], object]) -> float:

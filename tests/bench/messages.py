@@ -21,7 +21,6 @@ Writes DIR/messages.json (default DIR: $VDPAD_VM_OUT); tests/bench/plot_messages
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -29,10 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from tests.bench.common import timed
 from tests.sim import iova_far_from_us, sim_mode, vdpa_device
 from vdpad.device import VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, DeviceIotlb, MemoryRegion
@@ -41,17 +40,6 @@ MESSAGES = 10_000
 SINGLE_OPS = 200
 RATE_TARGET = 0.3  # a 10k-message commit's message rate, as a share of the C loop's
 SINGLE_SPEEDUP_TARGET = 5.0  # one-map and one-unmap transactions, today's time over the baseline's
-
-
-def timed(work: Callable[[], object]) -> float:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        work()
-        return time.perf_counter() - start
-    finally:
-        gc.enable()
 
 
 def single_ops(iotlb: DeviceIotlb, memory: MemoryRegion, iova: int, count: int) -> dict[str, list[float]]:

@@ -7,7 +7,6 @@ matplotlib is the bench extra (pip install -e '.[bench]'); nothing else needs it
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tests.bench.common import plot_command, save_figure  # noqa: E402
 
 SERIES = ((True, "IOTLB_PERSIST (maps kept)", "#2a7ab0"), (False, "no persist (maps replayed)", "#d0703c"))
 MODES = (("va", "VA mode (default)"), ("pa", "PA mode (use_va=0: pages pinned)"))
@@ -47,20 +48,11 @@ def draw(report: dict, png: Path) -> None:
     axes[0][0].legend(loc="upper left", fontsize=8)
     figure.suptitle(f"vdpasim_net restart: reset -> rings -> DRIVER_OK -> first frame back "
                     f"({report['repetitions']} runs each, kernel {report['kernel']}, QEMU TCG guest)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
+    save_figure(figure, png)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    source, png = map(Path, args)
-    draw(json.loads(source.read_text()), png)
-    print(f"wrote {png}", file=sys.stderr)
-    return 0
+    return plot_command(draw, __doc__, argv)
 
 
 if __name__ == "__main__":

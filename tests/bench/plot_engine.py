@@ -7,7 +7,6 @@ matplotlib is the bench extra (pip install -e '.[bench]'); nothing else needs it
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tests.bench.common import plot_command, save_figure  # noqa: E402
 
 LABELS = {"grow_10k_s": "10k one-map commits\nfrom empty (s)", "lookup_100k_us": "lookup at\n100k entries (µs)",
           "plan_10k_ms": "plan between two\n10k-entry maps (ms)"}
@@ -51,20 +52,11 @@ def draw(report: dict, png: Path) -> None:
     figure.suptitle(f"IOTLB engine on the host, Python {report['python']} "
                     f"(this machine: bisect lookup {refs['bisect_lookup_100k_us']:.2f} µs, "
                     f"the old rebuild-per-map growth to 1k {refs['rebuild_per_op_grow_1k_s']:.2f} s)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
+    save_figure(figure, png)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    source, png = map(Path, args)
-    draw(json.loads(source.read_text()), png)
-    print(f"wrote {png}", file=sys.stderr)
-    return 0
+    return plot_command(draw, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tests.bench.common import plot_command, save_figure  # noqa: E402
 
 PATHS = (("c_loop", "C loop alone\n(pre-packed)"), ("write_iotlb_batch", "write_iotlb_batch\n(checks, pack, loop)"),
          ("commit", "DeviceIotlb\ncommit"), ("write_iotlb", "write_iotlb\n(one by one)"))
@@ -47,15 +48,12 @@ def draw(report: dict, png: Path) -> None:
     right.set_title("single-operation transactions")
     right.legend()
     figure.suptitle(f"vdpasim_net, kernel {report['kernel']}, QEMU TCG guest")
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
+    save_figure(figure, png)
 
 
-def main(argv: list[str]) -> int:
-    source, png = Path(argv[0]), Path(argv[1])
-    draw(json.loads(source.read_text()), png)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return plot_command(draw, __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
