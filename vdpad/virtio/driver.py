@@ -96,6 +96,7 @@ class VirtioDriver:
         self.features = 0
         self.queues: dict[int, Virtqueue] = {}
         self._eventfds: dict[int, tuple[EventFd, EventFd]] = {}
+        self._ring_limits: dict[int, int] = {}  # asked in reset, so the answer never changes
         self._log = log.bind(device=dev.path)
 
     # -- bring-up ---------------------------------------------------------
@@ -135,12 +136,14 @@ class VirtioDriver:
 
     def _largest_ring(self, index: int) -> int:
         """The queue's own limit (GET_VRING_SIZE) where the device tells it, else the device-wide GET_VRING_NUM."""
-        try:
-            size, path = self.dev.get_vring_size(index), "GET_VRING_SIZE"
-        except NotSupportedError:  # vdpa_sim with batch_mapping=1 (EOPNOTSUPP), older kernels (ENOTTY)
-            size, path = self.dev.get_vring_num(), "GET_VRING_NUM"
-        self._log.debug("virtio.ring_limit", queue=index, size=size, path=path)
-        return size
+        if index not in self._ring_limits:
+            try:
+                size, path = self.dev.get_vring_size(index), "GET_VRING_SIZE"
+            except NotSupportedError:  # vdpa_sim with batch_mapping=1 (EOPNOTSUPP), older kernels (ENOTTY)
+                size, path = self.dev.get_vring_num(), "GET_VRING_NUM"
+            self._log.debug("virtio.ring_limit", queue=index, size=size, path=path)
+            self._ring_limits[index] = size
+        return self._ring_limits[index]
 
     def _setup_queue(self, spec: QueueSpec) -> Virtqueue:
         layout = RingLayout(spec.size)
