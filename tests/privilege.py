@@ -114,12 +114,23 @@ def run_cli(args: Sequence[str], *, capabilities: Iterable[str] = (),
                           cwd=REPO, env=env, capture_output=True, text=True)
 
 
+def run_as_nobody(function: str, args: Sequence[str], *, capabilities: Iterable[str] = (),
+                  env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`module:function(args)` as uid/gid 65534: the module is imported as root first, the call made after."""
+    names = list(capabilities)
+    capability_mask(names)
+    return subprocess.run([sys.executable, "-m", "tests.privilege", *(f"--keep={name}" for name in names),
+                           f"--call={function}", "--", *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.privilege", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="append", default=[], metavar="CAP_NAME",
                         help="a capability to keep (e.g. CAP_NET_ADMIN); none by default")
-    parser.add_argument("args", nargs="*", help="the vdpad command line")
+    parser.add_argument("--call", metavar="MODULE:FUNCTION",
+                        help="call FUNCTION(args) of MODULE (imported before the drop) instead of the CLI")
+    parser.add_argument("args", nargs="*", help="the vdpad command line, or the function's arguments")
     options = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("must start as root (it drops to uid 65534 itself)")
@@ -128,12 +139,18 @@ def main(argv: Sequence[str]) -> int:
         importlib.import_module(name)
     from vdpad.cli import main as cli
 
+    if options.call:
+        module, _, function = options.call.partition(":")
+        target = getattr(importlib.import_module(module), function)
+    else:
+        def target(args: Sequence[str]) -> None:
+            cli.main(args=args, prog_name="vdpad")
     os.chdir("/")  # where any user may be
     drop_privileges(NOBODY, NOBODY, keep)
     guard = _NoImports()
     sys.meta_path.insert(0, guard)
     try:
-        cli.main(args=options.args, prog_name="vdpad")
+        target(options.args)
         code = 0
     except SystemExit as exit:  # click's standalone mode always ends here
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)

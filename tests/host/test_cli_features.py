@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from vdpad.cli.manage import parse_features
-from vdpad.device.flags import NetFeature, VirtioFeature, describe
+from vdpad.device.flags import NetFeature, VirtioFeature, describe, parse_features
 
 
 @pytest.mark.parametrize("text, mask", [

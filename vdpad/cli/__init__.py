@@ -1,10 +1,10 @@
-"""The vdpad command line: a thin layer over the library (and, later, the service)."""
+"""The vdpad command line: a thin layer over the library and the daemon's client."""
 
 from __future__ import annotations
 
 import click
 
-from vdpad.cli import info, manage
+from vdpad.cli import daemon, info, manage
 from vdpad.cli.output import EXIT_CODES_HELP
 
 
@@ -13,5 +13,6 @@ def main() -> None:
     """Control Linux vhost-vdpa devices."""
 
 
-for _command in (manage.mgmtdev, manage.dev, manage.attach, manage.detach, info.info):
+for _command in (manage.mgmtdev, manage.dev, manage.attach, manage.detach, info.info,
+                 daemon.serve, daemon.status, daemon.session, daemon.iotlb):
     main.add_command(_command)

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import click
 import structlog
 
-from vdpad.cli.manage import feature_names, json_option
-from vdpad.cli.output import emit_json, fields, reports_errors
+from vdpad.cli.manage import feature_names
+from vdpad.cli.output import emit_json, fields, json_option, reports_errors
 from vdpad.device import BackendFeature, NotSupportedError, VhostVdpa, flags
 from vdpad.mgmt import model
 from vdpad.mgmt.binding import holders

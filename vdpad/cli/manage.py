@@ -2,67 +2,24 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict
 from typing import Any
 
 import click
 
-from vdpad.cli.output import emit_json, fields, reports_errors, table
+from vdpad.cli.daemon import daemon_client, socket_option
+from vdpad.cli.output import emit_json, fields, json_option, reports_errors, table
 from vdpad.device import flags
-from vdpad.device.flags import VirtioDeviceId
+from vdpad.device.flags import VirtioDeviceId, parse_features
 from vdpad.mgmt import binding, lifecycle, model
 from vdpad.mgmt.binding import Binding, Driver
 from vdpad.mgmt.errors import NotFound
-from vdpad.mgmt.model import Device, DeviceConfig, MgmtDev, QueueStats
+from vdpad.mgmt.model import DeviceConfig, MgmtDev, QueueStats
 from vdpad.mgmt.netlink import VdpaNetlink
+from vdpad.mgmt.records import device_record
 
-json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
-
-# What a --features name may be: "" (no prefix) looks in every kind.
-_FEATURE_KINDS: dict[str, tuple[type[enum.IntFlag], ...]] = {
-    "": (flags.VirtioFeature, flags.NetFeature, flags.BlkFeature),
-    "net": (flags.VirtioFeature, flags.NetFeature),
-    "blk": (flags.VirtioFeature, flags.BlkFeature),
-}
-
-
-def parse_features(text: str) -> int:
-    """A feature mask from a number (0x.., 0b.., decimal) or names joined by commas.
-
-    Names are those describe() prints (VERSION_1, MAC, FLUSH, bit40); one that
-    net and blk both define with different bits (MQ) takes a prefix: net.MQ, blk.MQ.
-    """
-    text = text.strip()
-    try:
-        value = int(text, 0)
-    except ValueError:
-        pass
-    else:
-        if not 0 <= value < 1 << 64:
-            raise ValueError(f"features {text!r} does not fit in 64 bits")
-        return value
-    mask = 0
-    for word in filter(None, (w.strip() for w in text.split(","))):
-        kind, _, name = word.rpartition(".")
-        if kind.lower() not in _FEATURE_KINDS:
-            raise ValueError(f"feature {word!r}: prefix {kind!r} is not net or blk")
-        mask |= _feature_bit(name.upper(), kind.lower(), word)
-    if not mask:
-        raise ValueError(f"no feature in {text!r}: give a number (0x...) or names (VERSION_1,MAC)")
-    return mask
-
-
-def _feature_bit(name: str, kind: str, word: str) -> int:
-    if name.startswith("BIT") and name[3:].isdigit() and int(name[3:]) < 64:
-        return 1 << int(name[3:])
-    bits = {int(k[name]) for k in _FEATURE_KINDS[kind] if name in k.__members__}
-    if not bits:
-        raise ValueError(f"unknown feature {word!r} (names as `vdpad mgmtdev list` prints them, or bitN)")
-    if len(bits) > 1:
-        raise ValueError(f"feature {word!r} means different bits for net and blk: write net.{name} or blk.{name}")
-    return bits.pop()
-
+direct_option = click.option("--direct", is_flag=True,
+                             help="do it in this process even when a daemon answers on its socket")
 
 class Features(click.ParamType):
     """A 64-bit feature mask: a number (0x..., 0b..., decimal) or names (VERSION_1,MAC,net.MQ)."""
@@ -99,16 +56,6 @@ def mgmtdev_record(m: MgmtDev) -> dict[str, Any]:
         "supported_features": m.supported_features,
         "supported_feature_names": flags.describe(m.supported_features, flags.VirtioFeature, *kinds),
     }
-
-
-def device_record(d: Device, bound: Binding | None) -> dict[str, Any]:
-    record = asdict(d)
-    record["class"] = model.class_name(d.device_id)
-    record["driver"] = bound.driver if bound else None
-    record["node"] = str(bound.node) if bound and bound.node else None
-    record["virtio"] = bound.virtio if bound else None
-    record["kernel_devices"] = list(bound.kernel_devices) if bound else []
-    return record
 
 
 def config_record(c: DeviceConfig) -> dict[str, Any]:
@@ -277,20 +224,30 @@ def dev_set(name: str, mac: str) -> None:
               show_default=True, help="driver to bind the new device to")
 @click.option("--timeout", type=click.FloatRange(min=0), default=binding.DEFAULT_TIMEOUT, show_default=True,
               help="seconds to wait for the driver's device node")
+@direct_option
+@socket_option
 @json_option
 @reports_errors
 def attach(name: str, mgmtdev: str, mac: str | None, mtu: int | None, max_vqp: int | None,
-           features: int | None, driver: str, timeout: float, as_json: bool) -> None:
+           features: int | None, driver: str, timeout: float, direct: bool, socket_path: str | None,
+           as_json: bool) -> None:
     """Create device NAME on a management device, bind it and print its node.
 
     Prints /dev/vhost-vdpa-N (vhost_vdpa), or the netdev/disk the kernel made
-    (virtio_vdpa). On any failure the new device is deleted again.
+    (virtio_vdpa). On any failure the new device is deleted again. Through the
+    daemon when one answers on its socket, else (or with --direct) here.
     """
     lifecycle.check_attach(name, mgmtdev, mac=mac, mtu=mtu, max_vqp=max_vqp, features=features)
-    with VdpaNetlink() as nl:
-        done = lifecycle.attach(nl, name, mgmtdev, mac=mac, mtu=mtu, max_vqp=max_vqp, features=features,
-                                driver=Driver(driver), timeout=timeout)
-    record = device_record(done.device, done.binding)
+    daemon = None if direct else daemon_client(socket_path)
+    if daemon is not None:
+        with daemon:
+            record = daemon.attach(name, mgmtdev, mac=mac, mtu=mtu, max_vqp=max_vqp, features=features,
+                                   driver=driver, timeout=timeout)
+    else:
+        with VdpaNetlink() as nl:
+            done = lifecycle.attach(nl, name, mgmtdev, mac=mac, mtu=mtu, max_vqp=max_vqp, features=features,
+                                    driver=Driver(driver), timeout=timeout)
+        record = device_record(done.device, done.binding)
     if as_json:
         emit_json(record)
         return
@@ -300,8 +257,16 @@ def attach(name: str, mgmtdev: str, mac: str | None, mtu: int | None, max_vqp: i
 
 @click.command()
 @click.argument("name")
+@direct_option
+@socket_option
 @reports_errors
-def detach(name: str) -> None:
-    """Unbind device NAME from its driver and delete it (refused while its node is open)."""
+def detach(name: str, direct: bool, socket_path: str | None) -> None:
+    """Unbind device NAME from its driver and delete it (refused while its node is open, or a daemon's
+    session holds it). Through the daemon when one answers on its socket, else (or with --direct) here."""
+    daemon = None if direct else daemon_client(socket_path)
+    if daemon is not None:
+        with daemon:
+            daemon.detach(name)
+        return
     with VdpaNetlink() as nl:
         lifecycle.detach(nl, name)

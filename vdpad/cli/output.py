@@ -13,12 +13,13 @@ import click
 
 from vdpad.device.errors import ENOTSUPP, InvalidArgument, NotSupportedError
 from vdpad.mgmt.errors import AlreadyExists, Busy, NotFound, NotSupported, PermissionDenied, WaitTimeout
+from vdpad.service.config import ConfigError
 
 # Exit codes scripts can rely on; click's own usage errors exit with 2 as well.
 EXIT_CODES = (
     (0, "ok"),
     (1, "the kernel or the system refused (message says why)"),
-    (2, "bad usage or bad input; nothing was changed"),
+    (2, "bad usage or bad input (arguments, a configuration file); nothing was changed"),
     (3, "no such device or management device"),
     (4, "a device of that name exists already"),
     (5, "permission denied (needs root / CAP_NET_ADMIN)"),
@@ -27,12 +28,14 @@ EXIT_CODES = (
     (8, "timed out waiting for the kernel (a device node that did not appear)"),
 )
 _BY_KIND: tuple[tuple[type[BaseException], int], ...] = (
-    (InvalidArgument, 2), (NotFound, 3), (FileNotFoundError, 3), (AlreadyExists, 4), (PermissionDenied, 5), (PermissionError, 5),
+    (InvalidArgument, 2), (ConfigError, 2), (NotFound, 3), (FileNotFoundError, 3), (AlreadyExists, 4), (PermissionDenied, 5), (PermissionError, 5),
     (NotSupported, 6), (NotSupportedError, 6), (Busy, 7), (WaitTimeout, 8),
 )
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 
 
 def exit_code(error: BaseException) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 
@@ -19,6 +20,26 @@ class EventFd:
         self.name = name
         flags = os.EFD_CLOEXEC | (os.EFD_NONBLOCK if nonblocking else 0)
         self._owned = OwnedFd(os.eventfd(0, flags), f"EventFd {name!r}")
+
+    @classmethod
+    def adopt(cls, fd: int, name: str = "eventfd") -> EventFd:
+        """An owner of a duplicate of `fd` (another process's eventfd, passed over a socket).
+
+        ValueError, nothing left open, if `fd` is not an eventfd: the kernel would take
+        any fd for a kick or call and only fail when it signals.
+        """
+        own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        try:
+            with open(f"/proc/self/fdinfo/{own}") as info:
+                if not any(line.startswith("eventfd-count:") for line in info):
+                    raise ValueError(f"{name}: fd {fd} is not an eventfd")
+        except BaseException:
+            os.close(own)
+            raise
+        adopted = cls.__new__(cls)
+        adopted.name = name
+        adopted._owned = OwnedFd(own, f"EventFd {name!r}")
+        return adopted
 
     @property
     def fd(self) -> int:

@@ -1,4 +1,4 @@
-"""Named values for what the kernel reports: device ids, device status and feature bits."""
+"""Named values for what the kernel reports: device ids, device status and feature bits; masks read from names."""
 
 from __future__ import annotations
 
@@ -156,3 +156,48 @@ def describe(value: int, *kinds: type[enum.IntFlag]) -> list[str]:
         else:
             names.append(f"bit{bit}")
     return names
+
+
+# What a feature name may mean: "" (no prefix) looks in every kind.
+_FEATURE_KINDS: dict[str, tuple[type[enum.IntFlag], ...]] = {
+    "": (VirtioFeature, NetFeature, BlkFeature),
+    "net": (VirtioFeature, NetFeature),
+    "blk": (VirtioFeature, BlkFeature),
+}
+
+
+def parse_features(text: str) -> int:
+    """A feature mask from a number (0x.., 0b.., decimal) or names joined by commas: describe()'s inverse.
+
+    Names are those describe() prints (VERSION_1, MAC, FLUSH, bit40); one that
+    net and blk both define with different bits (MQ) takes a prefix: net.MQ, blk.MQ.
+    """
+    text = text.strip()
+    try:
+        value = int(text, 0)
+    except ValueError:
+        pass
+    else:
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"features {text!r} does not fit in 64 bits")
+        return value
+    mask = 0
+    for word in filter(None, (w.strip() for w in text.split(","))):
+        kind, _, name = word.rpartition(".")
+        if kind.lower() not in _FEATURE_KINDS:
+            raise ValueError(f"feature {word!r}: prefix {kind!r} is not net or blk")
+        mask |= _feature_bit(name.upper(), kind.lower(), word)
+    if not mask:
+        raise ValueError(f"no feature in {text!r}: give a number (0x...) or names (VERSION_1,MAC)")
+    return mask
+
+
+def _feature_bit(name: str, kind: str, word: str) -> int:
+    if name.startswith("BIT") and name[3:].isdigit() and int(name[3:]) < 64:
+        return 1 << int(name[3:])
+    bits = {int(k[name]) for k in _FEATURE_KINDS[kind] if name in k.__members__}
+    if not bits:
+        raise ValueError(f"unknown feature {word!r} (names as `vdpad mgmtdev list` prints them, or bitN)")
+    if len(bits) > 1:
+        raise ValueError(f"feature {word!r} means different bits for net and blk: write net.{name} or blk.{name}")
+    return bits.pop()

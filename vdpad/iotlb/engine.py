@@ -325,8 +325,11 @@ class DeviceIotlb:
         self._log.debug("iotlb.emptied", asid=asid, iova=first)
 
     # -- async (never block a trio loop: a write that pins pages can take long) -----------
-    async def _in_lane(self, work: Callable[[], T]) -> T:
-        """Run `work` in a worker thread, after every call made before it on this device."""
+    async def in_lane(self, work: Callable[[], T]) -> T:
+        """Run `work` in a worker thread, after every call made before it on this device.
+
+        Any other call on the device (a vring set-up, a status change) goes through here too,
+        so a trio program keeps one order of calls per device."""
         return await trio.to_thread.run_sync(work, limiter=_lane(self))
 
     @asynccontextmanager
@@ -335,23 +338,23 @@ class DeviceIotlb:
         tx = Transaction(self, asid, allow_window=allow_window)
         try:
             yield tx
-            await self._in_lane(tx.commit)
+            await self.in_lane(tx.commit)
         finally:
             if tx.state == "open":  # the body raised, or the commit was cancelled before it started
                 tx.abort()
 
     async def amap(self, asid: int, iova: int, region: Memory, offset: int, size: int,
                    perm: Access = Access.RW) -> Plan:
-        return await self._in_lane(functools.partial(self.map, asid, iova, region, offset, size, perm))
+        return await self.in_lane(functools.partial(self.map, asid, iova, region, offset, size, perm))
 
     async def aunmap(self, asid: int, iova: int, size: int) -> Plan:
-        return await self._in_lane(functools.partial(self.unmap, asid, iova, size))
+        return await self.in_lane(functools.partial(self.unmap, asid, iova, size))
 
     async def areset(self) -> None:
-        await self._in_lane(self.reset)
+        await self.in_lane(self.reset)
 
     async def aset_group_asid(self, group: int, asid: int) -> None:
-        await self._in_lane(functools.partial(self.set_group_asid, group, asid))
+        await self.in_lane(functools.partial(self.set_group_asid, group, asid))
 
     # -- validation ------------------------------------------------------------------------
     def _refuse(self, op: str, problem: str) -> InvalidArgument:

@@ -28,6 +28,7 @@ from vdpad.mgmt.binding import VDPA_BUS
 log = structlog.get_logger("vdpad.mgmt")
 
 SIM_BATCH_MAPPING = Path("/sys/module/vdpa_sim/parameters/batch_mapping")
+SIM_USE_VA = Path("/sys/module/vdpa_sim/parameters/use_va")
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 AUXILIARY_DEVICES = Path("/sys/bus/auxiliary/devices")
 
@@ -63,6 +64,18 @@ def map_kind_of_mgmtdev(handle: str) -> tuple[MapKind, str]:
     if driver in _SET_MAP_DRIVERS or driver.startswith("mlx5"):
         return MapKind.BATCHED, f"parent driver {driver}"
     return MapKind.PLATFORM_IOMMU, f"parent driver {driver}"
+
+
+def pins_pages_of_mgmtdev(handle: str) -> bool:
+    """Whether vhost-vdpa pins the pages a device of `handle` maps (PA mode), against RLIMIT_MEMLOCK.
+
+    Parents that read the owner's virtual memory (vdpa_sim's use_va=Y, VDUSE) pin nothing; a parent
+    that DMAs to physical pages (hardware, vdpa_sim's use_va=N) has each mapped page pinned.
+    """
+    bus, _, name = handle.rpartition("/")
+    if not bus and name in ("vdpasim_net", "vdpasim_blk"):
+        return SIM_USE_VA.read_text().strip() not in ("Y", "1")
+    return not (not bus and name == "vduse")
 
 
 def device_of_node(node: str | os.PathLike[str]) -> str:

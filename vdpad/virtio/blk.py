@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from vdpad.device import BlkFeature, VhostVdpa, VirtioDeviceId
+from vdpad.device import BlkFeature, VirtioDeviceId
 from vdpad.virtio.dma import DmaArena, DmaBuffer
-from vdpad.virtio.driver import DriverError, QueueSpec, VirtioDriver
+from vdpad.virtio.driver import DriverError, QueueSpec, Transport, VirtioDriver
 from vdpad.virtio.ring import Buffer
 
 SECTOR = 512
@@ -27,7 +27,7 @@ class BlkDriver(VirtioDriver):
 
     device_id = VirtioDeviceId.BLOCK
 
-    def __init__(self, dev: VhostVdpa, arena: DmaArena, *, queue_size: int = 64, max_request: int = 64 * 1024):
+    def __init__(self, dev: Transport, arena: DmaArena, *, queue_size: int = 64, max_request: int = 64 * 1024):
         super().__init__(dev)
         if max_request <= 0 or max_request % SECTOR:
             raise ValueError(f"max_request {max_request} is not a positive multiple of {SECTOR}")

@@ -4,18 +4,24 @@ It drives the device exactly as a guest driver would (virtio 1.x, 3.1.1), with
 vhost-vdpa ioctls for the transport: the rings live in memory the caller has
 mapped into the device's IOTLB, kicks go through an eventfd per queue, and
 the device signals a call eventfd per queue when it used buffers.
+
+The ioctls go to a `Transport`: a VhostVdpa fd of the caller's own, or a
+daemon session's device (vdpad.client.SessionDevice), which forwards each
+call and passes the eventfds over the control socket.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
 from vdpad.device import (
-    DeviceStatus, EventFd, NotSupportedError, VhostVdpa, VirtioDeviceId, VirtioFeature, VringAddr,
+    DeviceStatus, EventFd, NotSupportedError, VirtioDeviceId, VirtioFeature, VringAddr,
 )
 from vdpad.virtio.dma import DmaArena
 from vdpad.virtio.ring import RingLayout, SplitRing, Used
@@ -25,6 +31,27 @@ log = structlog.get_logger("vdpad.virtio")
 # vhost-vdpa serves only modern devices behind an IOTLB.
 REQUIRED_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
 RING_ALIGN = 4096  # rings start on a page of their own: easy to read in a trace
+
+
+class Transport(Protocol):
+    """The device calls a driver makes, with VhostVdpa's signatures (a VhostVdpa is one)."""
+
+    path: str | os.PathLike[str]
+
+    def get_device_id(self) -> int: ...
+    def get_status(self) -> DeviceStatus: ...
+    def set_status(self, status: DeviceStatus | int) -> None: ...
+    def get_features(self) -> int: ...
+    def set_features(self, features: int) -> None: ...
+    def get_config(self, offset: int, length: int) -> bytes: ...
+    def get_vring_num(self) -> int: ...
+    def get_vring_size(self, index: int) -> int: ...
+    def set_vring_num(self, index: int, num: int) -> None: ...
+    def set_vring_addr(self, index: int, addr: VringAddr) -> None: ...
+    def set_vring_base(self, index: int, base: int) -> None: ...
+    def set_vring_kick(self, index: int, fd: int | None) -> None: ...
+    def set_vring_call(self, index: int, fd: int | None) -> None: ...
+    def set_vring_enable(self, index: int, enabled: bool) -> None: ...
 
 
 class DriverError(RuntimeError):
@@ -87,7 +114,7 @@ class VirtioDriver:
 
     device_id: VirtioDeviceId | None = None
 
-    def __init__(self, dev: VhostVdpa):
+    def __init__(self, dev: Transport):
         found = dev.get_device_id()
         if self.device_id is not None and found != self.device_id:
             raise DriverError(f"{dev.path} is virtio device {found}, not {int(self.device_id)} "

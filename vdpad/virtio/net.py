@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from vdpad.device import NetFeature, VhostVdpa, VirtioDeviceId
+from vdpad.device import NetFeature, VirtioDeviceId
 from vdpad.virtio.dma import DmaArena, DmaBuffer
-from vdpad.virtio.driver import DriverError, QueueSpec, VirtioDriver
+from vdpad.virtio.driver import DriverError, QueueSpec, Transport, VirtioDriver
 from vdpad.virtio.ring import Buffer
 
 RX, TX, CTRL = 0, 1, 2
@@ -31,7 +31,7 @@ class NetDriver(VirtioDriver):
 
     device_id = VirtioDeviceId.NET
 
-    def __init__(self, dev: VhostVdpa, data: DmaArena, *, ctrl: DmaArena | None = None, queue_size: int = 64):
+    def __init__(self, dev: Transport, data: DmaArena, *, ctrl: DmaArena | None = None, queue_size: int = 64):
         super().__init__(dev)
         self.data, self.ctrl, self.queue_size = data, ctrl, queue_size
         self._tx_free: list[DmaBuffer] = []

@@ -1,0 +1,284 @@
+"""The daemon in the VM: a client drives vdpasim_net through a session, and nothing a client does or
+suffers (bad requests, another client's session, dying) stops the daemon serving the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.service import running_daemon
+from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
+from vdpad.client import RemoteError
+from vdpad.device import InvalidArgument, NotSupportedError, VhostVdpa
+from vdpad.iotlb import PAGE_SIZE, MemoryRegion, Perm
+from vdpad.service import wire
+from vdpad.service.protocol import VERSION, ProtocolError, Unauthorized
+from vdpad.virtio import DmaArena, NetDriver
+
+pytestmark = pytest.mark.kernel
+
+REGION_SIZE = 1 << 20
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def daemon(sim_modules):
+    with running_daemon() as running:
+        yield running
+
+
+@pytest.fixture
+def client(daemon):
+    with daemon.client() as connected:
+        yield connected
+
+
+def start_net(session, region: MemoryRegion) -> tuple[NetDriver, DmaArena, int]:
+    iova = iova_far_from_us(session.iova_range, region.size)
+    session.commit([session.map(iova, region, 0, region.size)])
+    arena = DmaArena(region, iova)
+    net = NetDriver(session.device, arena)
+    net.start()
+    return net, arena, iova
+
+
+def test_frames_through_a_session_across_a_persistent_reset(daemon, client, vdpa_net):
+    with MemoryRegion(REGION_SIZE, "ram") as ram:
+        session = client.open_session(vdpa_net.name)
+        assert session.info["persistent"] and session.info["device_id"] == 1
+        session.register(ram)
+        net, arena, iova = start_net(session, ram)
+        with net, arena:
+            sent = frames(FRAMES, seed=11)
+            assert net.exchange(sent) == sent
+            assert session.reset() == {"persistent": True}
+            net.start()
+            again = frames(FRAMES, seed=12)
+            assert net.exchange(again) == again
+        shown = client.iotlb_show(vdpa_net.name, asid=0)
+        (space,) = shown["spaces"]
+        assert space["in_sync"] and space["map"] == [
+            {"iova": iova, "size": REGION_SIZE, "memory": "ram", "offset": 0, "perm": "rw"}]
+        listed = {s["session"]: s for s in client.sessions()}
+        assert listed[session.number]["owner"]["pid"] == os.getpid()
+        assert listed[session.number]["mapped"] == REGION_SIZE
+        assert sorted(listed[session.number]["eventfds"]) == ["call 0", "call 1", "kick 0", "kick 1"]
+        session.close()
+        assert session.number not in {s["session"] for s in client.sessions()}
+    # The daemon let go of the node: it can be opened here now.
+    with VhostVdpa(vdpa_net.node):
+        pass
+
+
+def test_memory_the_daemon_allocates_carries_frames(client, vdpa_net):
+    session = client.open_session(vdpa_net.node.as_posix())  # by node as well as by name
+    ram = session.allocate("daemon-ram", REGION_SIZE)
+    try:
+        net, arena, _ = start_net(session, ram)
+        with net, arena:
+            sent = frames(FRAMES, seed=13)
+            assert net.exchange(sent) == sent
+    finally:
+        session.close()
+        ram.close()
+
+
+def test_a_device_without_the_operation_answers_not_supported_over_the_session(client, vdpa_net):
+    session = client.open_session(vdpa_net.name)
+    try:
+        # vdpa_sim's default batch_mapping=1 has no per-queue ring size: the driver's fallback path
+        with pytest.raises(NotSupportedError) as raised:
+            session.device.get_vring_size(0)
+        assert isinstance(raised.value, RemoteError) and raised.value.errno == 95
+        assert session.device.get_vring_num() == 256
+    finally:
+        session.close()
+
+
+def test_another_client_cannot_touch_a_session(daemon, client, vdpa_net):
+    session = client.open_session(vdpa_net.name)
+    try:
+        with daemon.client() as other:
+            with pytest.raises(Unauthorized, match=f"session {session.number} belongs to another client"):
+                other.call("session.reset", {"session": session.number})
+            with pytest.raises(RemoteError, match="in use by session"):
+                other.open_session(vdpa_net.name)
+            assert other.sessions()[0]["session"] == session.number  # visible, not usable
+        session.reset()
+    finally:
+        session.close()
+
+
+def _raw(daemon, message: bytes, fds=()) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(str(daemon.socket))
+        sock.sendmsg([message], wire.ancillary(fds))
+        reply, passed = wire.receive(sock)
+        passed.close()
+        return reply
+
+
+@pytest.mark.parametrize("message, kind, words", [
+    (b"{not json", "protocol", "not JSON"),
+    (b"[1, 2]", "protocol", "not an object"),
+    (json.dumps({"v": 99, "id": 1, "op": "hello"}).encode(), "protocol", "version 99"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "no.such"}).encode(), "protocol", "unknown op 'no.such'"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "session.open", "args": {"device": 7}}).encode(), "protocol",
+     "argument 'device' must be a string"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "hello", "args": {"x": 1}}).encode(), "protocol", "unknown argument"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "session.close", "args": {"session": 999}}).encode(), "not_found",
+     "no session 999"),
+])
+def test_bad_requests_get_an_error_naming_what_was_wrong(daemon, message, kind, words):
+    reply = _raw(daemon, message)
+    assert reply["ok"] is False and reply["error"]["kind"] == kind and words in reply["error"]["message"]
+
+
+def test_passed_fds_are_closed_whatever_the_request(daemon):
+    before = daemon.fds()
+    with MemoryRegion(PAGE_SIZE, "stray") as stray:
+        for _ in range(5):
+            reply = _raw(daemon, json.dumps({"v": VERSION, "id": 1, "op": "hello"}).encode(), [stray.fd] * 3)
+            assert reply["ok"]
+        reply = _raw(daemon, b"{not json", [stray.fd] * 16)
+        assert reply["error"]["kind"] == "protocol"
+    assert daemon.settled_fds(before) == before
+
+
+def test_bad_session_input_changes_nothing(client, vdpa_net):
+    with MemoryRegion(REGION_SIZE, "ram") as ram, MemoryRegion(PAGE_SIZE, "tiny") as tiny:
+        session = client.open_session(vdpa_net.name)
+        try:
+            session.register(ram)
+            iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+            session.commit([session.map(iova, ram, 0, REGION_SIZE, Perm.RO)])
+            before = client.iotlb_show(vdpa_net.name)
+            with pytest.raises(InvalidArgument, match="no memory 'tiny'"):
+                session.commit([session.unmap(iova, PAGE_SIZE), session.map(iova, tiny, 0, PAGE_SIZE)])
+            with pytest.raises(InvalidArgument, match="overlap"):
+                session.commit([session.map(iova + PAGE_SIZE, ram, 0, PAGE_SIZE)])
+            with pytest.raises(ProtocolError, match="perm 'rx'"):
+                session.commit([{**session.map(iova, ram, 0, PAGE_SIZE), "perm": "rx"}])
+            with pytest.raises(InvalidArgument, match="memory 'ram' already"):
+                session.register(ram)
+            with pytest.raises(RemoteError, match="not an eventfd"):
+                session.device.set_vring_kick(0, ram.fd)
+            with pytest.raises(RemoteError, match="still mapped"):
+                session.release("ram")
+            assert client.iotlb_show(vdpa_net.name) == before
+        finally:
+            session.close()
+
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from vdpad.client import Client
+    from vdpad.iotlb import MemoryRegion
+    client = Client(sys.argv[1])
+    ram = MemoryRegion(int(sys.argv[3]), "child")
+    session = client.open_session(sys.argv[2])
+    session.register(ram)
+    first = session.info["iova_range"]["first"]
+    session.commit([session.map(max(first, 1 << 30), ram, 0, ram.size)])
+    print(session.number, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_killed_client_leaves_nothing_behind(sim_modules):
+    """PA mode: the daemon pins what the client maps; a SIGKILL of the client unpins it all."""
+    with sim_mode(use_va=False), running_daemon() as daemon:
+        name = f"kill{os.getpid() % 1000}"
+        with vdpa_device(name, "vdpasim_net") as node:
+            pinned_before = daemon.status("VmPin")
+            fds_before = daemon.fds()
+            child = subprocess.Popen([sys.executable, "-c", CHILD, str(daemon.socket), name, str(4 << 20)],
+                                     stdout=subprocess.PIPE, text=True)
+            try:
+                number = int(child.stdout.readline())
+                assert daemon.status("VmPin") - pinned_before == 4 << 20
+                with daemon.client() as watcher:
+                    assert number in {s["session"] for s in watcher.sessions()}
+                    child.send_signal(signal.SIGKILL)
+                    child.wait()
+                    deadline = time.monotonic() + 10
+                    while watcher.sessions() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert watcher.sessions() == []
+                    assert watcher.status()["counters"]["bytes_pinned"] == pinned_before
+            finally:
+                child.kill()
+                child.wait()
+                child.stdout.close()
+            assert daemon.status("VmPin") == pinned_before
+            assert daemon.settled_fds(fds_before) == fds_before
+            with VhostVdpa(node):  # released
+                pass
+
+
+def test_memlock_budget_refused_with_the_numbers(sim_modules):
+    limit = 2 << 20
+    with sim_mode(use_va=False), running_daemon(memlock=limit) as daemon:
+        name = f"lim{os.getpid() % 1000}"
+        with vdpa_device(name, "vdpasim_net"), MemoryRegion(4 << 20, "big") as big, daemon.client() as client:
+            session = client.open_session(name)
+            session.register(big)
+            iova = iova_far_from_us(session.iova_range, big.size)
+            session.commit([session.map(iova, big, 0, 1 << 20)])
+            with pytest.raises(InvalidArgument, match=r"RLIMIT_MEMLOCK is 0x200000") as refused:
+                session.commit([session.map(iova + (1 << 20), big, 1 << 20, 2 << 20)])
+            assert "0x100000 pinned" in str(refused.value)
+            assert client.iotlb_show(name)["spaces"][0]["map"][0]["size"] == 1 << 20
+            assert daemon.status("VmPin") == 1 << 20
+            session.close()
+
+
+def test_a_silent_client_and_a_deaf_client_slow_no_one(daemon, client):
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        silent.connect(str(daemon.socket))
+        deaf.connect(str(daemon.socket))
+        deaf.setblocking(False)
+        hello = wire.encode({"v": VERSION, "id": 1, "op": "status"})
+        sent = 0
+        try:
+            for _ in range(2000):  # never read: the daemon's replies fill its send buffer
+                deaf.send(hello)
+                sent += 1
+        except BlockingIOError:
+            pass
+        started = time.monotonic()
+        for _ in range(20):
+            assert client.hello()["version"] == VERSION
+        assert time.monotonic() - started < 5
+        assert sent > 0
+    finally:
+        silent.close()
+        deaf.close()
+
+
+def test_sigterm_closes_every_session_and_exits_zero(sim_modules, vdpa_net):
+    with running_daemon() as daemon, MemoryRegion(REGION_SIZE, "ram") as ram:
+        client = daemon.client()
+        session = client.open_session(vdpa_net.name)
+        session.register(ram)
+        net, arena, _ = start_net(session, ram)
+        with net, arena:
+            sent = frames(4, seed=14)
+            assert net.exchange(sent) == sent
+            started = time.monotonic()
+            assert daemon.stop() == 0
+            assert time.monotonic() - started < 5
+        client.close()
+        assert "session.closed" in daemon.log_text()
+        with VhostVdpa(vdpa_net.node):
+            pass

@@ -1,0 +1,280 @@
+"""The client library: talk to `vdpad serve` over its control socket (docs/protocol.md).
+
+    from vdpad.client import Client
+    from vdpad.iotlb import MemoryRegion
+
+    with Client() as client, MemoryRegion(16 << 20, "ram") as ram:
+        session = client.open_session("net0")        # the daemon opens and owns the device
+        session.register(ram)                         # the memfd goes over the socket (SCM_RIGHTS)
+        session.commit([session.map(iova, ram, 0, ram.size)])
+        NetDriver(session.device, DmaArena(ram, iova)).start()   # the driver, over the session
+
+Errors the daemon reports are raised as the class it caught (a RemoteError
+too): InvalidArgument, NotSupportedError, NotFound... Blocking; AsyncClient
+runs each call in a worker thread for trio programs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vdpad.device import DeviceStatus, VringAddr
+from vdpad.device.iotlb_msg import Access
+from vdpad.device.vdpa import IovaRange
+from vdpad.iotlb.memory import MemoryRegion
+from vdpad.service import wire
+from vdpad.service.calls import DEVICE_CALLS, FD_ARGS
+from vdpad.service.config import DEFAULT_SOCKET
+from vdpad.service.protocol import VERSION, ProtocolError, RemoteError, remote_error
+
+__all__ = ["AsyncClient", "Client", "DaemonUnavailable", "RemoteError", "RemoteSession", "SessionDevice",
+           "socket_path"]
+
+_PERM_NAMES = {Access.RO: "ro", Access.WO: "wo", Access.RW: "rw"}
+
+
+class DaemonUnavailable(ConnectionError):
+    """No daemon answers on the socket."""
+
+
+def socket_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """`path`, else $VDPAD_SOCKET, else the default /run/vdpad/control.sock."""
+    return Path(path or os.environ.get("VDPAD_SOCKET") or DEFAULT_SOCKET)
+
+
+class Client:
+    """One connection to the daemon; its sessions close when it does (or when this process dies)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = socket_path(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as error:
+            self._sock.close()
+            raise DaemonUnavailable(error.errno, f"no vdpad daemon answers on {self.path} ({error.strerror})") from None
+        except BaseException:
+            self._sock.close()
+            raise
+        self._ids = 0
+
+    def call(self, op: str, args: dict[str, Any] | None = None, fds: Sequence[int] = ()) -> tuple[dict[str, Any], wire.ReceivedFds]:
+        """Send one request and wait for its reply: (result, the fds it passed back, to be closed by the caller)."""
+        self._ids += 1
+        try:
+            wire.send(self._sock, {"v": VERSION, "id": self._ids, "op": op, "args": args or {}}, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon hung up; the reply it left before (a refusal) says why, read below
+        try:
+            got = wire.receive(self._sock)
+        except ConnectionResetError:
+            got = None
+        if got is None:
+            raise DaemonUnavailable(0, f"the daemon on {self.path} closed the connection")
+        reply, passed = got
+        if not reply.get("ok"):
+            passed.close()
+            raise remote_error(reply.get("error") or {})
+        if reply.get("id") != self._ids:
+            passed.close()
+            raise ProtocolError(f"reply to request {reply.get('id')!r} while waiting for {self._ids}")
+        return reply.get("result") or {}, passed
+
+    def request(self, op: str, **args: Any) -> dict[str, Any]:
+        """A call whose reply passes no fds."""
+        result, passed = self.call(op, args)
+        passed.close()
+        return result
+
+    # -- the daemon ----------------------------------------------------------------------
+    def hello(self) -> dict[str, Any]:
+        return self.request("hello")
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.request("session.list")["sessions"]
+
+    def iotlb_show(self, device: str, asid: int | None = None) -> dict[str, Any]:
+        return self.request("iotlb.show", device=device, **({} if asid is None else {"asid": asid}))
+
+    def attach(self, name: str, mgmtdev: str, **options: Any) -> dict[str, Any]:
+        return self.request("device.attach", name=name, mgmtdev=mgmtdev,
+                            **{k: v for k, v in options.items() if v is not None})
+
+    def detach(self, name: str) -> None:
+        self.request("device.detach", name=name)
+
+    def open_session(self, device: str, *, persist: bool = True) -> RemoteSession:
+        return RemoteSession(self, self.request("session.open", device=device, persist=persist))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteSession:
+    """A session the daemon holds for this client: memory, IOTLB commits, the device's calls."""
+
+    def __init__(self, client: Client, info: dict[str, Any]):
+        self.client, self.info = client, info
+        self.number: int = info["session"]
+        self.device = SessionDevice(self)
+        self.closed = False
+
+    def request(self, op: str, fds: Sequence[int] = (), **args: Any) -> tuple[dict[str, Any], wire.ReceivedFds]:
+        return self.client.call(op, {"session": self.number, **args}, fds)
+
+    def _plain(self, op: str, **args: Any) -> dict[str, Any]:
+        result, passed = self.request(op, **args)
+        passed.close()
+        return result
+
+    @property
+    def iova_range(self) -> IovaRange:
+        return IovaRange(self.info["iova_range"]["first"], self.info["iova_range"]["last"])
+
+    # -- memory ------------------------------------------------------------------------------
+    def register(self, region: MemoryRegion, name: str | None = None) -> str:
+        """Pass `region`'s memfd to the daemon, which maps the same bytes; returns its name there."""
+        name = name or region.name
+        self._plain_with_fd("memory.register", region.fd, name=name, offset=region.fd_offset, size=region.size)
+        return name
+
+    def _plain_with_fd(self, op: str, fd: int, **args: Any) -> dict[str, Any]:
+        result, passed = self.request(op, fds=[fd], fd=0, **args)
+        passed.close()
+        return result
+
+    def allocate(self, name: str, size: int) -> MemoryRegion:
+        """Memory the daemon makes (a sealed memfd) and passes back, mapped here too."""
+        result, passed = self.request("memory.alloc", name=name, size=size)
+        with passed:
+            return MemoryRegion.from_fd(passed[result["fd"]], 0, result["size"], name=name)
+
+    def release(self, name: str) -> None:
+        self._plain("memory.release", name=name)
+
+    # -- the IOTLB ---------------------------------------------------------------------------
+    @staticmethod
+    def map(iova: int, memory: MemoryRegion | str, offset: int, size: int, perm: Access = Access.RW) -> dict[str, Any]:
+        name = memory if isinstance(memory, str) else memory.name
+        return {"op": "map", "iova": iova, "size": size, "memory": name, "offset": offset, "perm": _PERM_NAMES[perm]}
+
+    @staticmethod
+    def unmap(iova: int, size: int) -> dict[str, Any]:
+        return {"op": "unmap", "iova": iova, "size": size}
+
+    def commit(self, ops: Sequence[dict[str, Any]], asid: int = 0, *, allow_window: bool = False) -> dict[str, Any]:
+        """One transaction: every op, or nothing (the plan that was sent)."""
+        return self._plain("iotlb.commit", asid=asid, ops=list(ops), allow_window=allow_window)
+
+    def set_group_asid(self, group: int, asid: int) -> None:
+        self._plain("group.set_asid", group=group, asid=asid)
+
+    def reset(self) -> dict[str, Any]:
+        """SET_STATUS(0) through the daemon's engine: the maps are kept or replayed."""
+        return self._plain("session.reset")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._plain("session.close")
+
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SessionDevice:
+    """The device of a session, with VhostVdpa's methods (DEVICE_CALLS) sent through the daemon.
+
+    The virtio driver takes it in place of a VhostVdpa: one driver, two transports.
+    """
+
+    def __init__(self, session: RemoteSession):
+        self.session = session
+        self.path = f"{session.info['node']} (session {session.number})"
+
+    def _call(self, name: str, *values: Any) -> Any:
+        spec = DEVICE_CALLS[name]
+        args: dict[str, Any] = {}
+        fds: list[int] = []
+        for arg, value in zip(spec.args, values, strict=True):
+            if arg in FD_ARGS and value is not None:
+                fds.append(value)
+                value = 0
+            elif isinstance(value, bytes):
+                value = value.hex()
+            args[arg] = value
+        result, passed = self.session.request(f"device.{name}", fds=fds, **args)
+        passed.close()
+        value = result.get("value")
+        if spec.result == "bytes":
+            return bytes.fromhex(value)
+        if spec.result == "range":
+            return IovaRange(value["first"], value["last"])
+        return value
+
+    def get_status(self) -> DeviceStatus:
+        return DeviceStatus(self._call("get_status"))
+
+    def set_vring_addr(self, index: int, addr: VringAddr) -> None:
+        self._call("set_vring_addr", index, addr.desc, addr.avail, addr.used)
+
+
+def _forwarder(name: str) -> Any:
+    def call(self: SessionDevice, *values: Any) -> Any:
+        return self._call(name, *values)
+    call.__name__ = name
+    call.__doc__ = f"VhostVdpa.{name}, through the daemon."
+    return call
+
+
+for _name in DEVICE_CALLS:
+    if not hasattr(SessionDevice, _name):
+        setattr(SessionDevice, _name, _forwarder(_name))
+
+
+class AsyncClient:
+    """Client for trio: every call of the blocking Client runs in a worker thread, one at a time."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self._lane = trio.CapacityLimiter(1)
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str] | None = None) -> AsyncClient:
+        return cls(await trio.to_thread.run_sync(Client, path))
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.client, name)
+
+        @functools.wraps(method)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs), limiter=self._lane)
+        return call
+
+    async def aclose(self) -> None:
+        self.client.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

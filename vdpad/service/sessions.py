@@ -1,0 +1,290 @@
+"""A session: one client's hold on one vhost-vdpa device through the daemon.
+
+The daemon opens the node, becomes its owner and keeps the device's
+DeviceIotlb; the client's memory (memfds it passed, or the daemon made for it)
+and eventfds are owned here and live exactly as long as the session. Every
+call on the device runs in the engine's lane (a worker thread, in call order).
+
+Closing resets the device and closes its fd, which makes the kernel drop
+every mapping and unpin every page; only then is the memory closed, so no
+page the device could reach is ever freed while mapped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from vdpad.device import BackendFeature, EventFd, VhostVdpa, VringAddr
+from vdpad.device.errors import InvalidArgument
+from vdpad.device.iotlb_msg import Access
+from vdpad.iotlb import DeviceIotlb, Mapping, MemoryRegion, Plan
+from vdpad.mgmt import binding
+from vdpad.mgmt.errors import NotFound
+from vdpad.mgmt.netlink import VdpaNetlink
+from vdpad.mgmt.parent import MapKind, map_kind_of_mgmtdev, pins_pages_of_mgmtdev
+from vdpad.service.calls import DEVICE_CALLS
+
+log = structlog.get_logger("vdpad.service")
+
+# Acked along with the engine's own features, when offered: a session may suspend and resume.
+SESSION_BACKEND_FEATURES = BackendFeature.SUSPEND | BackendFeature.RESUME
+PERMS = {"ro": Access.RO, "wo": Access.WO, "rw": Access.RW}
+_EVENTFD_ROLES = {"set_vring_kick": "kick", "set_vring_call": "call", "set_config_call": "config call"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A connected client, from SO_PEERCRED (and SO_PEERGROUPS)."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} (uid {self.uid})"
+
+
+@dataclass
+class Counters:
+    commits: int = 0
+    iotlb_messages: int = 0
+    resets: int = 0
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class MapOp:
+    """One operation of a commit: map `size` bytes of registered memory at `iova`, or unmap them."""
+
+    kind: str  # map | unmap
+    iova: int
+    size: int
+    memory: str | None = None
+    offset: int = 0
+    perm: Access = Access.RW
+
+
+def vm_pinned() -> int:
+    """Bytes this process has pinned now (VmPin: the kernel's own count)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmPin:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Session:
+    number: int
+    owner: Peer
+    device: str
+    dev: VhostVdpa
+    iotlb: DeviceIotlb
+    pins_pages: bool
+    regions: dict[str, MemoryRegion] = field(default_factory=dict)
+    eventfds: dict[str, EventFd] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    opened: float = field(default_factory=time.time)
+
+    # -- life cycle (run in a worker thread) -------------------------------------------------
+    @classmethod
+    def open(cls, number: int, owner: Peer, device: str, *, persist: bool = True) -> Session:
+        """Open device NAME's vhost-vdpa node, own it, negotiate; a half-open device is closed again."""
+        bound = binding.binding_of(device)
+        if bound.node is None:
+            raise NotFound(errno.ENODEV, f"device {device} has no vhost-vdpa node (bound to "
+                                         f"{bound.driver or 'no driver'}): `vdpad attach` binds to vhost_vdpa")
+        with VdpaNetlink() as nl:
+            mgmtdev = nl.device(device).mgmtdev
+        try:
+            kind: MapKind | None = map_kind_of_mgmtdev(mgmtdev)[0]
+        except (OSError, LookupError):
+            kind = None
+        dev = VhostVdpa(bound.node)
+        try:
+            dev.set_owner()
+            extra = dev.get_backend_features() & SESSION_BACKEND_FEATURES
+            iotlb = DeviceIotlb(dev, persist=persist, backend_features=extra, map_kind=kind)
+        except BaseException:
+            dev.close()
+            raise
+        session = cls(number, owner, device, dev, iotlb, pins_pages_of_mgmtdev(mgmtdev))
+        session._log().info("session.open", node=str(bound.node), persist=iotlb.persistent,
+                            pins=session.pins_pages)
+        return session
+
+    def close(self) -> None:
+        """Reset the device, close its fd (the kernel unmaps and unpins all), then eventfds and memory."""
+        try:
+            self.dev.set_status(0)
+        except OSError as error:  # a device that cannot reset still lets go of everything on close
+            self._log().warning("session.reset_failed", error=str(error))
+        self.dev.close()
+        for eventfd in self.eventfds.values():
+            eventfd.close()
+        self.eventfds.clear()
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()
+        self._log().info("session.closed")
+
+    def _log(self, **fields: Any) -> Any:
+        return log.bind(session=self.number, device=self.device, **fields)
+
+    # -- memory ------------------------------------------------------------------------------
+    def _check_new_name(self, name: str) -> None:
+        if not name or len(name) > 64 or not name.isprintable():
+            raise InvalidArgument("memory", self.device, f"memory name {name!r} must be 1-64 printable characters")
+        if name in self.regions:
+            raise InvalidArgument("memory", self.device, f"session {self.number} has memory {name!r} already")
+
+    def register(self, name: str, fd: int, offset: int, size: int | None) -> MemoryRegion:
+        self._check_new_name(name)
+        if size is None:
+            size = os.fstat(fd).st_size - offset
+        region = MemoryRegion.from_fd(fd, offset, size, name=name)
+        self.regions[name] = region
+        return region
+
+    def allocate(self, name: str, size: int) -> MemoryRegion:
+        self._check_new_name(name)
+        region = self.regions[name] = MemoryRegion(size, name)
+        return region
+
+    def release(self, name: str) -> None:
+        region = self.region(name)
+        region.close()  # RegionInUse while mapped: the region stays
+        del self.regions[name]
+
+    def region(self, name: str) -> MemoryRegion:
+        try:
+            return self.regions[name]
+        except KeyError:
+            known = ", ".join(sorted(self.regions)) or "none"
+            raise InvalidArgument("memory", self.device,
+                                  f"session {self.number} has no memory {name!r} (registered: {known})") from None
+
+    # -- the IOTLB ---------------------------------------------------------------------------
+    def commit(self, asid: int, ops: Iterable[MapOp], allow_window: bool) -> Plan:
+        tx = self.iotlb.transaction(asid, allow_window=allow_window)
+        try:
+            added = 0
+            for op in ops:
+                if op.kind == "map":
+                    tx.map(op.iova, self.region(op.memory or ""), op.offset, op.size, op.perm)
+                    added += op.size
+                else:
+                    tx.unmap(op.iova, op.size)
+            if self.pins_pages and added:
+                self._check_budget(added)
+        except BaseException:
+            tx.abort()
+            raise
+        plan = tx.commit()
+        self.counters.commits += 1
+        self.counters.iotlb_messages += len(plan)
+        return plan
+
+    def _check_budget(self, added: int) -> None:
+        """Refuse, with the numbers, a map the kernel would refuse with a bare EFAULT (RLIMIT_MEMLOCK)."""
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        if limit == resource.RLIM_INFINITY:
+            return
+        pinned = vm_pinned()
+        if pinned + added > limit:
+            raise InvalidArgument("iotlb.commit", self.device,
+                                  f"mapping {added:#x} more bytes would pin {pinned + added:#x} bytes; the daemon "
+                                  f"has {pinned:#x} pinned and its RLIMIT_MEMLOCK is {limit:#x} "
+                                  "(this device pins every mapped page)")
+
+    def reset(self) -> None:
+        self.iotlb.reset()
+        self.counters.resets += 1
+
+    # -- device calls --------------------------------------------------------------------------
+    def call(self, name: str, args: dict[str, Any]) -> Any:
+        """The VhostVdpa method `name` (a DEVICE_CALLS entry), with its arguments checked by the caller."""
+        spec = DEVICE_CALLS[name]
+        if name == "set_status" and args["status"] == 0:
+            return self.reset()
+        if name == "set_vring_addr":
+            return self.dev.set_vring_addr(args["index"], VringAddr(desc=args["desc"], used=args["used"],
+                                                                    avail=args["avail"]))
+        if "fd" in spec.args:
+            return self._bind_eventfd(name, args)
+        if name == "set_config":
+            return self.dev.set_config(args["offset"], args["data"])
+        return getattr(self.dev, name)(*(args[a] for a in spec.args))
+
+    def _bind_eventfd(self, name: str, args: dict[str, Any]) -> None:
+        """Bind the passed eventfd (a duplicate the session owns from now on), or unbind with None."""
+        index = args.get("index")
+        key = _EVENTFD_ROLES[name] + ("" if index is None else f" {index}")
+        fd = args["fd"]
+        adopted = EventFd.adopt(fd, f"{key} of session {self.number}") if fd is not None else None
+        try:
+            method = getattr(self.dev, name)
+            method(*(() if index is None else (index,)), None if adopted is None else adopted.fileno())
+        except BaseException:
+            if adopted is not None:
+                adopted.close()
+            raise
+        old = self.eventfds.pop(key, None)
+        if adopted is not None:
+            self.eventfds[key] = adopted
+        if old is not None:
+            old.close()  # the kernel holds its own reference to what is bound now
+
+    # -- what is visible -----------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session": self.number, "device": self.device, "node": self.dev.path,
+            "owner": {"pid": self.owner.pid, "uid": self.owner.uid},
+            "opened": self.opened, "persistent": self.iotlb.persistent,
+            "map_kind": self.iotlb.map_kind.value if self.iotlb.map_kind else None,
+            "pins_pages": self.pins_pages,
+            "memory": [{"name": r.name, "size": r.size} for r in self.regions.values()],
+            "mapped": self.mapped_bytes(),
+            "eventfds": sorted(self.eventfds),
+            "counters": vars(self.counters),
+        }
+
+    def mapped_bytes(self) -> int:
+        return sum(entry.size for asid in range(self.iotlb.as_num) for entry in self.iotlb.space(asid))
+
+    def show_iotlb(self, asid: int | None) -> list[dict[str, Any]]:
+        spaces = range(self.iotlb.as_num) if asid is None else [asid]
+        shown = []
+        for number in spaces:
+            view = self.iotlb.space(number)
+            shown.append({"asid": number, "in_sync": view.in_sync, "initial": view.initial,
+                          "map": [mapping_record(m) for m in view.entries],
+                          "kernel": [mapping_record(m) for m in view.units]})
+        return shown
+
+    def info(self) -> dict[str, Any]:
+        """What a client needs to drive the device, sent when the session opens."""
+        iova = self.iotlb.iova_range
+        return {"session": self.number, "device": self.device, "node": self.dev.path,
+                "device_id": self.dev.get_device_id(), "persistent": self.iotlb.persistent,
+                "backend_features": int(self.iotlb.acked), "as_num": self.iotlb.as_num,
+                "group_num": self.iotlb.group_num, "iova_range": {"first": iova.first, "last": iova.last}}
+
+
+def mapping_record(mapping: Mapping) -> dict[str, Any]:
+    return {"iova": mapping.iova, "size": mapping.size, "memory": mapping.region.name,
+            "offset": mapping.offset, "perm": mapping.perm.name.lower() if mapping.perm.name else int(mapping.perm)}
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    return {"invalidate": [{"iova": iova, "size": size} for iova, size in plan.invalidate],
+            "update": [mapping_record(m) for m in plan.update], "messages": len(plan)}
