@@ -48,7 +48,7 @@ test: vm-prepare host-test vm-test
 	@$(PY) -m tests.report host=$(REPORTS)/host.xml vm-boot=$(REPORTS)/vm-boot.xml kernel=$(REPORTS)/kernel.xml
 
 demo: vm-prepare
-	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad sh tests/vm/guest/demo.sh
+	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad PYTHON=$(PY) sh tests/vm/guest/demo.sh
 
 # Restart time with and without IOTLB_PERSIST (tests/bench/restart.py) in the
 # VM, then its plot on the host: docs/bench/restart.json and restart.png.

@@ -13,10 +13,11 @@ import textwrap
 import time
 
 import pytest
+import trio
 
 from tests.service import running_daemon
 from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
-from vdpad.client import RemoteError
+from vdpad.client import AsyncClient, AsyncSession, RemoteError, RemoteSession
 from vdpad.device import InvalidArgument, NotSupportedError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion, Perm
 from vdpad.service import wire
@@ -282,3 +283,22 @@ def test_sigterm_closes_every_session_and_exits_zero(sim_modules, vdpa_net):
         assert "session.closed" in daemon.log_text()
         with VhostVdpa(vdpa_net.node):
             pass
+
+
+def test_a_trio_client_drives_a_session(daemon, vdpa_net):
+    async def main() -> None:
+        async with await AsyncClient.connect(daemon.socket) as client:
+            session = await client.open_session(vdpa_net.name)
+            assert isinstance(session, AsyncSession)
+            ram = await session.allocate("trio-ram", REGION_SIZE)
+            iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+            async with trio.open_nursery() as nursery:  # the loop stays free while the calls run
+                nursery.start_soon(session.commit, [RemoteSession.map(iova, ram, 0, REGION_SIZE)])
+                nursery.start_soon(client.status)
+            (space,) = (await client.iotlb_show(vdpa_net.name, 0))["spaces"]
+            assert space["map"][0]["memory"] == "trio-ram" and space["in_sync"]
+            assert (await session.reset())["persistent"]
+            await session.close()
+            ram.close()
+
+    trio.run(main)

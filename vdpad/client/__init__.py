@@ -34,7 +34,7 @@ from vdpad.service.calls import DEVICE_CALLS, FD_ARGS
 from vdpad.service.config import DEFAULT_SOCKET
 from vdpad.service.protocol import VERSION, ProtocolError, RemoteError, remote_error
 
-__all__ = ["AsyncClient", "Client", "DaemonUnavailable", "RemoteError", "RemoteSession", "SessionDevice",
+__all__ = ["AsyncClient", "AsyncSession", "Client", "DaemonUnavailable", "RemoteError", "RemoteSession", "SessionDevice",
            "socket_path"]
 
 _PERM_NAMES = {Access.RO: "ro", Access.WO: "wo", Access.RW: "rw"}
@@ -251,24 +251,40 @@ for _name in DEVICE_CALLS:
         setattr(SessionDevice, _name, _forwarder(_name))
 
 
-class AsyncClient:
-    """Client for trio: every call of the blocking Client runs in a worker thread, one at a time."""
+class _InWorker:
+    """Wraps a blocking object for trio: each method call runs in a worker thread, one at a time per
+    connection (`lane`), in call order; what returns a RemoteSession returns it wrapped too."""
+
+    def __init__(self, target: Any, lane: trio.CapacityLimiter):
+        self._target, self._lane = target, lane
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._target, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = await trio.to_thread.run_sync(functools.partial(attribute, *args, **kwargs), limiter=self._lane)
+            return AsyncSession(result, self._lane) if isinstance(result, RemoteSession) else result
+        return call
+
+
+class AsyncSession(_InWorker):
+    """A RemoteSession for trio: `await session.commit(...)`; `.device` stays blocking (the driver's)."""
+
+
+class AsyncClient(_InWorker):
+    """Client for trio: `client = await AsyncClient.connect()`, then `await client.status()`,
+    `session = await client.open_session("net0")`, `await session.commit([...])`."""
 
     def __init__(self, client: Client):
+        super().__init__(client, trio.CapacityLimiter(1))
         self.client = client
-        self._lane = trio.CapacityLimiter(1)
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str] | None = None) -> AsyncClient:
         return cls(await trio.to_thread.run_sync(Client, path))
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.client, name)
-
-        @functools.wraps(method)
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await trio.to_thread.run_sync(functools.partial(method, *args, **kwargs), limiter=self._lane)
-        return call
 
     async def aclose(self) -> None:
         self.client.close()

@@ -296,8 +296,10 @@ class Daemon:
             fields["pid"] = conn.peer.pid
         if reply["kind"] == "internal":
             log.exception("request.failed", **fields)
-        else:
-            log.info("request.refused", **fields)
+        elif reply["kind"] == "unauthorized":
+            log.warning("request.refused", **fields)
+        else:  # the client has the reason; a driver's fallback (not_supported) is routine
+            log.debug("request.refused", **fields)
         return {"v": VERSION, "id": number, "ok": False, "error": reply}
 
 

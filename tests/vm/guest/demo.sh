@@ -1,27 +1,29 @@
 #!/bin/sh
-# The demo run by `make demo` inside the VM: vdpad attaches one vdpa_sim device
-# of each kind (create over netlink, bind to vhost_vdpa, wait for the node),
-# shows what netlink and each fd report, and detaches them again.
+# The demo run by `make demo` inside the VM: `vdpad serve` owns the devices; a
+# client that never opens a device node attaches vdpasim_net through it, opens
+# a session, maps its memory, moves frames, resets with persistent maps, moves
+# frames again and shows the daemon's view (tests/vm/guest/demo_client.py).
 set -e
 vdpad=${VDPAD:-vdpad}
-modprobe -a vhost_vdpa vdpa_sim_net vdpa_sim_blk
-"$vdpad" mgmtdev list
-for spec in "demo-net vdpasim_net --mac 02:00:00:00:de:01 --mtu 9000" "demo-blk vdpasim_blk"; do
-    set -- $spec
-    name=$1 mgmtdev=$2
-    shift 2
-    node=$("$vdpad" attach "$name" --mgmtdev "$mgmtdev" "$@")
-    echo
-    echo "== $name ($mgmtdev) at $node"
-    "$vdpad" dev show "$name"
-    echo "-- config space (netlink)"
-    "$vdpad" dev config "$name"
-    echo "-- through $node"
-    "$vdpad" info "$node"
+python=${PYTHON:-python3}
+modprobe -a vhost_vdpa vdpa_sim_net
+"$vdpad" serve &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon' EXIT
+i=0
+until "$vdpad" status >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 300 ] || { echo "the daemon did not answer" >&2; exit 1; }
+    sleep 0.1
 done
+echo "== vdpad serve is up (pid $daemon)"
+echo "\$ vdpad attach demo-net --mgmtdev vdpasim_net --mac 02:00:00:00:de:01"
+"$vdpad" attach demo-net --mgmtdev vdpasim_net --mac 02:00:00:00:de:01
+"$python" -m tests.vm.guest.demo_client "$vdpad" demo-net
 echo
-"$vdpad" dev list
-for name in demo-net demo-blk; do
-    "$vdpad" detach "$name"
-done
-echo "detached: $("$vdpad" dev list --json)"
+echo "\$ vdpad detach demo-net"
+"$vdpad" detach demo-net
+kill -TERM $daemon
+wait $daemon
+trap - EXIT
+echo "the daemon stopped (exit 0)"
