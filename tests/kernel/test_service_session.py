@@ -3,6 +3,7 @@ suffers (bad requests, another client's session, dying) stops the daemon serving
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 import pytest
 import trio
 
+from tests.privilege import run_cli
 from tests.service import running_daemon
 from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
 from vdpad.client import AsyncClient, AsyncSession, RemoteError, RemoteSession
@@ -22,7 +24,7 @@ from vdpad.device import InvalidArgument, NotSupportedError, VhostVdpa
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion, Perm
 from vdpad.service import wire
 from vdpad.service.protocol import VERSION, ProtocolError, Unauthorized
-from vdpad.virtio import DmaArena, NetDriver
+from vdpad.virtio import BlkDriver, DmaArena, NetDriver
 
 pytestmark = pytest.mark.kernel
 
@@ -302,3 +304,175 @@ def test_a_trio_client_drives_a_session(daemon, vdpa_net):
             ram.close()
 
     trio.run(main)
+
+
+@pytest.fixture
+def bystander(daemon, sim_device):
+    """Another client's session moving frames: checked before and after each bad input."""
+    device = sim_device("vdpasim_net")
+    with daemon.client() as other, MemoryRegion(REGION_SIZE, "bystander") as ram:
+        session = other.open_session(device.name)
+        session.register(ram)
+        net, arena, _ = start_net(session, ram)
+        with net, arena:
+            def still_served() -> None:
+                sent = frames(4, seed=31)
+                assert net.exchange(sent) == sent
+            still_served()
+            yield still_served
+        session.close()
+
+
+def unsealed_memfd() -> int:
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, PAGE_SIZE)
+    return fd
+
+
+BAD_SESSION_REQUESTS = {
+    # name: (op, args, fd maker or None, error kind, words)
+    "negative size": ("iotlb.commit", {"ops": [{"op": "unmap", "iova": 0, "size": -4096}]}, None, "protocol",
+                      "'size' must be an unsigned 64-bit integer, not -4096"),
+    "size of 2^64": ("iotlb.commit", {"ops": [{"op": "map", "iova": 0, "size": 1 << 64, "memory": "ram"}]}, None,
+                     "protocol", "'size' must be an unsigned 64-bit integer"),
+    "a string for a number": ("device.set_vring_num", {"index": "0", "num": 64}, None, "protocol", "'index'"),
+    "a missing fd": ("memory.register", {"name": "m", "fd": 0, "size": PAGE_SIZE}, None, "protocol",
+                     "fd 0 was named but the message passed 0 fd(s)"),
+    "a pipe for memory": ("memory.register", {"name": "m", "fd": 0, "size": PAGE_SIZE}, "pipe", "invalid", "is not a regular file"),
+    "an unsealed memfd": ("memory.register", {"name": "m", "fd": 0, "size": PAGE_SIZE}, "unsealed", "invalid",
+                          "is not sealed against shrinking"),
+    "a pipe for a kick": ("device.set_vring_kick", {"index": 0, "fd": 0}, "pipe", "invalid", "is not an eventfd"),
+    "unregistered memory": ("iotlb.commit", {"ops": [{"op": "map", "iova": 1 << 30, "size": PAGE_SIZE,
+                                                      "memory": "nope"}]}, None, "invalid", "no memory 'nope'"),
+    "an unknown op in a commit": ("iotlb.commit", {"ops": [{"op": "swap", "iova": 0, "size": PAGE_SIZE}]}, None,
+                                  "protocol", "op 'swap' is not map or unmap"),
+    "a queue the device lacks": ("device.set_vring_num", {"index": 9, "num": 64}, None, "invalid", "index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SESSION_REQUESTS))
+def test_bad_session_requests_are_refused_by_name_and_change_nothing(daemon, client, vdpa_net, bystander, case):
+    op, args, fd_kind, kind, words = BAD_SESSION_REQUESTS[case]
+    with MemoryRegion(REGION_SIZE, "ram") as ram:
+        session = client.open_session(vdpa_net.name)
+        try:
+            session.register(ram)
+            session.commit([session.map(iova_far_from_us(session.iova_range, REGION_SIZE), ram, 0, REGION_SIZE)])
+            before = client.iotlb_show(vdpa_net.name), client.sessions()
+            fds: list[int] = []
+            if fd_kind == "pipe":
+                fds = list(os.pipe())
+            elif fd_kind == "unsealed":
+                fds = [unsealed_memfd()]
+            try:
+                with pytest.raises(RemoteError) as refused:
+                    client.call(op, {"session": session.number, **args}, fds[:1])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            assert refused.value.kind == kind and words in str(refused.value), str(refused.value)
+            assert (client.iotlb_show(vdpa_net.name), client.sessions()) == before
+        finally:
+            session.close()
+    bystander()
+
+
+@pytest.mark.parametrize("message, fds, words", [
+    (b"\x00\xff garbage", 0, "not JSON"),
+    (b"{}", 20, "more fds than the limit of 16"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "hello"}).encode() + b" " * (300 << 10), 0, "over the limit"),
+])
+def test_garbage_on_the_socket_is_refused_and_others_go_on(daemon, bystander, message, fds, words):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock, open("/dev/null") as null:
+        sock.connect(str(daemon.socket))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  array.array("i", [null.fileno()] * fds).tobytes())] if fds else [])
+        reply, passed = wire.receive(sock)
+        passed.close()
+    assert reply["error"]["kind"] == "protocol" and words in reply["error"]["message"]
+    bystander()
+
+
+def test_a_peer_outside_the_group_is_refused_and_others_go_on(daemon, bystander):
+    refused = run_cli(["session", "list", "--socket", str(daemon.socket)])
+    assert refused.returncode == 5 and "(uid 65534) may not use vdpad: root only" in refused.stderr
+    bystander()
+
+
+def test_blk_sectors_through_a_session_in_pa_mode_across_a_replayed_reset(sim_modules):
+    """vdpasim_blk over the daemon's maps; PA mode (the daemon pins), no IOTLB_PERSIST: the reset replays."""
+    with sim_mode(use_va=False), running_daemon() as daemon, daemon.client() as client:
+        name = f"blk{os.getpid() % 1000}"
+        with vdpa_device(name, "vdpasim_blk"), MemoryRegion(REGION_SIZE, "blk-ram") as ram:
+            session = client.open_session(name, persist=False)
+            assert not session.info["persistent"] and session.info["device_id"] == 2
+            session.register(ram)
+            iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+            session.commit([session.map(iova, ram, 0, REGION_SIZE)])
+            assert daemon.status("VmPin") == REGION_SIZE
+            data = os.urandom(8 * 512)
+            with DmaArena(ram, iova) as arena, BlkDriver(session.device, arena) as blk:
+                blk.start()
+                blk.write(64, data)
+                assert blk.read(64, 8) == data
+                session.reset()
+                blk.start()
+                assert blk.read(64, 8) == data
+            session.close()
+            assert daemon.status("VmPin") == 0
+
+
+MID_TRANSACTION_CHILD = textwrap.dedent("""
+    import sys
+    from vdpad.client import Client
+    from vdpad.iotlb import MemoryRegion
+    client = Client(sys.argv[1])
+    ram = MemoryRegion(int(sys.argv[3]), "child")
+    session = client.open_session(sys.argv[2])
+    session.register(ram)
+    iova = max(session.info["iova_range"]["first"], 1 << 30)
+    print(session.number, flush=True)
+    while True:  # killed somewhere in here: between, or in the middle of, map and unmap commits
+        session.commit([session.map(iova, ram, 0, ram.size)])
+        session.commit([session.unmap(iova, ram.size)])
+""")
+
+
+def test_a_client_killed_mid_transaction_releases_everything_while_another_moves_frames(sim_modules):
+    with sim_mode(use_va=False), running_daemon() as daemon:
+        victim, other = f"kv{os.getpid() % 1000}", f"ko{os.getpid() % 1000}"
+        with vdpa_device(victim, "vdpasim_net") as node, vdpa_device(other, "vdpasim_net"), \
+                MemoryRegion(REGION_SIZE, "other-ram") as ram, daemon.client() as client:
+            session = client.open_session(other)
+            session.register(ram)
+            net, arena, _ = start_net(session, ram)
+            with net, arena:
+                pinned = daemon.status("VmPin")
+                fds = daemon.settled_fds()
+                child = subprocess.Popen([sys.executable, "-c", MID_TRANSACTION_CHILD, str(daemon.socket), victim,
+                                          str(8 << 20)], stdout=subprocess.PIPE, text=True)
+                try:
+                    child_session = int(child.stdout.readline())
+                    for seed in range(5):  # traffic on the other device while the child commits
+                        sent = frames(8, seed=40 + seed)
+                        assert net.exchange(sent) == sent
+                    commits = next(s for s in client.sessions() if s["session"] == child_session)["counters"]
+                    assert commits["commits"] > 0
+                    child.kill()
+                    child.wait()
+                finally:
+                    child.kill()
+                    child.wait()
+                    child.stdout.close()
+                deadline = time.monotonic() + 10
+                while len(client.sessions()) > 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert [s["session"] for s in client.sessions()] == [session.number]
+                assert daemon.status("VmPin") == pinned  # the child's pages, pinned or not when it died
+                assert daemon.settled_fds(fds) == fds
+                sent = frames(8, seed=50)
+                assert net.exchange(sent) == sent
+            session.close()
+            with VhostVdpa(node):
+                pass

@@ -428,7 +428,7 @@ async def _reset(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]
 async def _register(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     session = daemon.owned(conn, args.uint("session"))
     name, fd = args.text("name"), args.fd("fd")
-    offset, size = args.uint("offset", 0), args.uint("size", None)
+    offset, size = args.uint("offset", 0), args.uint("size")
     args.done()
     region = await session.iotlb.in_lane(lambda: session.register(name, fd, offset, size))
     return {"name": region.name, "size": region.size}

@@ -13,7 +13,6 @@ page the device could reach is ever freed while mapped.
 from __future__ import annotations
 
 import errno
-import os
 import resource
 import time
 from collections.abc import Iterable
@@ -147,10 +146,8 @@ class Session:
         if name in self.regions:
             raise InvalidArgument("memory", self.device, f"session {self.number} has memory {name!r} already")
 
-    def register(self, name: str, fd: int, offset: int, size: int | None) -> MemoryRegion:
+    def register(self, name: str, fd: int, offset: int, size: int) -> MemoryRegion:
         self._check_new_name(name)
-        if size is None:
-            size = os.fstat(fd).st_size - offset
         region = MemoryRegion.from_fd(fd, offset, size, name=name)
         self.regions[name] = region
         return region
