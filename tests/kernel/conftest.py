@@ -16,6 +16,7 @@ import pytest
 from tests.device_calls import CallRecorder
 from tests.sim import vdpa_device
 from tests.vduse import VduseBlk, load_vduse, vduse_blk
+from vdpad.mgmt.netlink import VdpaNetlink
 
 pytestmark = pytest.mark.kernel
 
@@ -60,6 +61,12 @@ def sim_device(sim_modules):
             return SimDevice(name, mgmtdev, made.enter_context(vdpa_device(name, mgmtdev)))
 
         yield make
+
+
+@pytest.fixture
+def nl(sim_modules) -> Iterator[VdpaNetlink]:
+    with VdpaNetlink() as netlink:
+        yield netlink
 
 
 @pytest.fixture

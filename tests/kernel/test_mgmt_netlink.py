@@ -26,12 +26,6 @@ VERSION_1, ACCESS_PLATFORM, F_MAC = 1 << 32, 1 << 33, 1 << 5
 
 
 @pytest.fixture
-def nl(sim_modules):
-    with VdpaNetlink() as sock:
-        yield sock
-
-
-@pytest.fixture
 def made(nl):
     """Names to delete after the test, whatever happened."""
     names: list[str] = []

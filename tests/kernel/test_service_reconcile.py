@@ -24,12 +24,6 @@ NET_FEATURES = parse_features("VERSION_1,ACCESS_PLATFORM,MAC,MTU")
 
 
 @pytest.fixture
-def nl(sim_modules):
-    with VdpaNetlink() as netlink:
-        yield netlink
-
-
-@pytest.fixture
 def names(nl):
     """A factory of fresh device names; whatever devices of these names exist after the test are detached."""
     made: list[str] = []

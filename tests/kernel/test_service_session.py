@@ -476,3 +476,20 @@ def test_a_client_killed_mid_transaction_releases_everything_while_another_moves
             session.close()
             with VhostVdpa(node):
                 pass
+
+
+def test_a_reply_over_the_limit_is_refused_and_the_client_stays(client, vdpa_net):
+    pages = 2600  # entries that cannot merge (a gap between each): ~90 bytes of JSON apiece
+    with MemoryRegion(pages * PAGE_SIZE, "many") as ram:
+        session = client.open_session(vdpa_net.name)
+        try:
+            session.register(ram)
+            base = iova_far_from_us(session.iova_range, 2 * pages * PAGE_SIZE)
+            for first in range(0, pages, 1000):
+                session.commit([session.map(base + 2 * n * PAGE_SIZE, ram, n * PAGE_SIZE, PAGE_SIZE)
+                                for n in range(first, min(first + 1000, pages))])
+            with pytest.raises(ProtocolError, match="over the limit"):
+                client.iotlb_show(vdpa_net.name)
+            assert client.sessions()[0]["mapped"] == pages * PAGE_SIZE  # the same connection goes on
+        finally:
+            session.close()

@@ -24,7 +24,7 @@ from vdpad.iotlb.memory import RegionInUse
 from vdpad.mgmt.errors import AlreadyExists, Busy, NotFound, NotSupported, PermissionDenied, WaitTimeout
 
 VERSION = 1
-MAX_MESSAGE = 256 << 10  # bytes of JSON in one message, either way
+MAX_MESSAGE = 192 << 10  # bytes of JSON in one message, either way: under the default socket buffer (wmem_default)
 MAX_FDS = 16  # fds one message may pass
 
 

@@ -227,7 +227,8 @@ class Daemon:
             except Unauthorized as refusal:
                 log.warning("client.refused", pid=peer.pid, uid=peer.uid, reason=str(refusal))
                 with trio.move_on_after(REPLY_TIMEOUT):
-                    await wire.asend(sock, {"v": VERSION, "id": None, "ok": False, "error": error_reply(refusal)})
+                    await wire.asend(sock, wire.encode({"v": VERSION, "id": None, "ok": False,
+                                                        "error": error_reply(refusal)}))
                 return
             conn = Connection(peer)
             self.connections.add(id(conn))
@@ -264,9 +265,13 @@ class Daemon:
             with passed, trio.CancelScope(shield=True):  # a request that started runs to its end
                 reply, fds = await self.run(conn, message, passed)
         try:
+            data = wire.encode(reply)
+        except ProtocolError as error:  # a reply over the limit: the client hears why, and stays
+            data, fds = wire.encode(self._error(reply["id"], "reply", error, conn)), []
+        try:
             with trio.fail_after(REPLY_TIMEOUT):
-                await wire.asend(sock, reply, fds)
-        except (trio.TooSlowError, OSError, ProtocolError) as error:
+                await wire.asend(sock, data, fds)
+        except (trio.TooSlowError, OSError) as error:
             log.warning("client.dropped", pid=conn.peer.pid, reason=str(error) or "reply unread")
             return False
         return True

@@ -104,8 +104,9 @@ def receive(sock: socket.socket) -> tuple[dict[str, Any], ReceivedFds] | None:
     return decode(data, ancdata, flags)
 
 
-async def asend(sock: Any, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    await sock.sendmsg([encode(message)], ancillary(fds))
+async def asend(sock: Any, data: bytes, fds: Sequence[int] = ()) -> None:
+    """As send(), on a trio socket, of a message encode() made (so a caller can answer its refusal)."""
+    await sock.sendmsg([data], ancillary(fds))
 
 
 async def areceive(sock: Any) -> tuple[dict[str, Any], ReceivedFds] | None:
