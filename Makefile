@@ -10,7 +10,7 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-boot-test vm-prepare demo bench bench-host bench-messages clean
+.PHONY: all install test host-test vm-test vm-boot-test systemd-test vm-prepare demo bench bench-host bench-messages clean
 
 all: install
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml setup.py cffi_build/vhost_build.py
 	touch $@
 
 host-test: install
-	$(PY) -m pytest -m "not kernel and not vm_boot" --junitxml=$(REPORTS)/host.xml tests
+	$(PY) -m pytest -m "not kernel and not vm_boot and not systemd" --junitxml=$(REPORTS)/host.xml tests
 
 vm-prepare: install
 	$(HARNESS) prepare
@@ -44,8 +44,16 @@ vm-test: vm-prepare vm-boot-test
 	  -p no:hypothesispytest -p no:cacheprovider --junitxml=\$$VDPAD_VM_OUT/kernel.xml \
 	  $(PYTEST_VM_ARGS) tests/kernel"
 
-test: vm-prepare host-test vm-test
-	@$(PY) -m tests.report host=$(REPORTS)/host.xml vm-boot=$(REPORTS)/vm-boot.xml kernel=$(REPORTS)/kernel.xml
+# The units under the real systemd (tests/systemd/), in the VM booted with systemd as PID 1.
+systemd-test: vm-prepare
+	rm -f $(REPORTS)/systemd.xml
+	$(HARNESS) run --init systemd --collect $(REPORTS) -- sh -c "$(PY) -m pytest -m systemd \
+	  -p no:hypothesispytest -p no:cacheprovider --junitxml=\$$VDPAD_VM_OUT/systemd.xml \
+	  $(PYTEST_VM_ARGS) tests/systemd"
+
+test: vm-prepare host-test vm-test systemd-test
+	@$(PY) -m tests.report host=$(REPORTS)/host.xml vm-boot=$(REPORTS)/vm-boot.xml kernel=$(REPORTS)/kernel.xml \
+	  systemd=$(REPORTS)/systemd.xml
 
 demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad PYTHON=$(PY) sh tests/vm/guest/demo.sh

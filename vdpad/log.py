@@ -10,18 +10,21 @@ configured structlog itself, so a host program's own set-up wins.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"  # where journald reads native-protocol datagrams
 IDENTIFIER = "vdpad"
+OWN_FIELDS = frozenset({"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "EVENT"})  # set by JournalRenderer
 # syslog(3) priorities by structlog method name.
 PRIORITIES = {"debug": 7, "info": 6, "msg": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3,
               "critical": 2, "fatal": 2}
@@ -63,6 +66,12 @@ def field_name(key: str) -> str:
     return name[:64] or "FIELD"
 
 
+def event_field_name(key: str) -> str:
+    """An event key's field, kept clear of the fields every entry has (a key `message` is VDPAD_MESSAGE)."""
+    name = field_name(key)
+    return f"VDPAD_{name}" if name in OWN_FIELDS else name
+
+
 def journal_field(name: str, value: str) -> bytes:
     data = value.encode(errors="replace")
     if b"\n" in data:  # the binary form: name, newline, little-endian u64 length, data
@@ -76,17 +85,16 @@ class JournalRenderer:
     def __init__(self, console: structlog.dev.ConsoleRenderer) -> None:
         self.console = console
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, bytes]:
-        line = self.console(logger, method, dict(event))
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        line = functools.partial(self.console, logger, method, dict(event))  # rendered only when needed
         event.pop("level", None)
         text = str(event.pop("event", ""))
         fields = [journal_field("MESSAGE", " ".join([text, *(f"{k}={v}" for k, v in event.items())])),
                   journal_field("PRIORITY", str(PRIORITIES.get(method, 6))),
                   journal_field("SYSLOG_IDENTIFIER", IDENTIFIER),
                   journal_field("EVENT", text)]
-        fields += [journal_field(field_name(k), v if isinstance(v, str) else repr(v) if isinstance(v, bytes) else str(v))
-                   for k, v in event.items()]
-        return {"datagram": b"".join(fields), "line": (line + "\n").encode(errors="replace")}
+        fields += [journal_field(event_field_name(k), str(v)) for k, v in event.items()]
+        return {"datagram": b"".join(fields), "line": line}
 
 
 class JournalLogger:
@@ -96,12 +104,11 @@ class JournalLogger:
         self._sock = sock
         self._path = path
 
-    def msg(self, *, datagram: bytes, line: bytes) -> None:
+    def msg(self, *, datagram: bytes, line: Callable[[], str]) -> None:
         try:
             self._sock.sendto(datagram, self._path)
         except OSError:  # full (never block the caller), too big, or no journald: the stream still reaches it
-            sys.stderr.buffer.write(line)
-            sys.stderr.flush()
+            print(line(), file=sys.stderr, flush=True)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 

@@ -140,3 +140,12 @@ def test_stderr_that_is_not_the_journal_stream_gets_console_lines(journal, monke
 def test_a_level_that_is_none_is_named():
     with pytest.raises(ValueError, match="VDPAD_LOG='loud' is not a log level"):
         log.configure("loud")
+
+
+def test_a_key_named_like_an_entrys_own_field_does_not_replace_it(journal, monkeypatch):
+    stderr_is_the_journal_stream(monkeypatch)
+    log.configure()
+    structlog.get_logger().warning("systemd.notify_failed", message="READY=1", priority="high")
+    fields = parse_native(journal.recv(65536))
+    assert fields["MESSAGE"] == "systemd.notify_failed message=READY=1 priority=high"
+    assert (fields["PRIORITY"], fields["VDPAD_MESSAGE"], fields["VDPAD_PRIORITY"]) == ("4", "READY=1", "high")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from vdpad.service import systemd
 from vdpad.service.systemd import SystemdEnvError
 
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
 SYSTEMD_VARS = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -180,3 +184,35 @@ def test_watchdog_variables_that_make_no_sense_are_named(monkeypatch, name, valu
     monkeypatch.setenv(name, value)
     with pytest.raises(SystemdEnvError, match=rf"\${name}='{value}' {problem}"):
         systemd.watchdog_interval()
+
+
+# ------------------------------------------------------------------ the units
+needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                           reason="systemd-analyze is not installed")
+
+
+@pytest.fixture
+def units(tmp_path) -> Path:
+    """The units as a checkout installs them: a drop-in points ExecStart at its virtualenv (systemd/README.md)."""
+    for unit in ("vdpad.service", "vdpad.socket"):
+        shutil.copy(UNITS / unit, tmp_path / unit)
+    (tmp_path / "vdpad.service.d").mkdir()
+    (tmp_path / "vdpad.service.d" / "checkout.conf").write_text(
+        f"[Service]\nExecStart=\nExecStart={Path(sys.executable).with_name('vdpad')} serve\n")
+    return tmp_path
+
+
+@needs_systemd_analyze
+def test_units_verify_clean(units):
+    proc = subprocess.run(["systemd-analyze", "verify", units / "vdpad.socket", units / "vdpad.service"],
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+@needs_systemd_analyze
+def test_service_exposure_is_at_most_4(units):
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", units / "vdpad.service"],
+                          capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for vdpad\.service: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    assert float(found.group(1)) <= 4.0, proc.stdout

@@ -8,6 +8,7 @@ overlay (the guest sees this checkout and its virtualenv at the same paths).
 
     python -m tests.vm.harness prepare          # install, download, build
     python -m tests.vm.harness run -- CMD ...   # boot, run CMD in $PWD, exit with its code
+    python -m tests.vm.harness run --init systemd -- CMD ...   # the same with systemd as PID 1
 
 Everything downloaded or built is kept in the cache folder (.vm/ in the
 checkout, or $VDPAD_VM_CACHE), one stamp per stage, so a second run only
@@ -59,6 +60,22 @@ INITRAMFS_MODULES = ("9p", "9pnet_virtio", "overlay")
 # The kernel source files vdpa_sim needs (never kept beyond the cache).
 SOURCE_GLOBS = ("*/drivers/vdpa/vdpa_sim/*", "*/drivers/vhost/vringh.c")
 SIM_MODULES = ("vringh", "vdpa_sim", "vdpa_sim_net", "vdpa_sim_blk")
+# How PID 1 is started: the runner itself (sh), or the host's systemd, booted
+# to the guest's own target (guest/systemd/) so that none of the host's enabled
+# units start.
+INITS = ("sh", "systemd")
+# Units that fail or only cost boot time in the guest (no network, no clock,
+# no udev, no disks), masked from the kernel command line.
+SYSTEMD_MASKED = (
+    "systemd-tmpfiles-setup.service",  # `D /tmp` would empty the host's /tmp into whiteouts, file by file over 9p
+    "systemd-timesyncd.service", "systemd-pstore.service", "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount", "sys-kernel-config.mount", "sys-fs-fuse-connections.mount",
+    "modprobe@dm_mod.service", "modprobe@fuse.service", "modprobe@loop.service", "modprobe@drm.service",
+    "modprobe@efi_pstore.service", "systemd-update-utmp.service", "systemd-random-seed.service",
+    "systemd-sysusers.service",
+)
+SYSTEMD_CMDLINE = ("systemd.unit=vdpad-vm.target", "fstab=no", "systemd.firstboot=0", "systemd.show_status=1",
+                   *(f"systemd.mask={unit}" for unit in SYSTEMD_MASKED))
 
 
 class HarnessError(RuntimeError):
@@ -388,8 +405,10 @@ def _pump(source: int, sink) -> threading.Thread:
 
 def boot(kernel: Kernel, initramfs: Path, command: list[str], *, cwd: Path,
          env: dict[str, str] | None = None, timeout: float = 1800,
-         memory: str = "3G", cpus: int = 2) -> GuestRun:
-    """Boot the guest, run `command` in `cwd`, stream its output here."""
+         memory: str = "3G", cpus: int = 2, init: str = "sh") -> GuestRun:
+    """Boot the guest, run `command` in `cwd`, stream its output here; `init` is one of INITS."""
+    if init not in INITS:
+        raise HarnessError(f"init {init!r} is not one of {', '.join(INITS)}")
     (CACHE / "runs").mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=CACHE / "runs"))
     folder.chmod(0o755)
@@ -413,6 +432,8 @@ def boot(kernel: Kernel, initramfs: Path, command: list[str], *, cwd: Path,
                      "-device", f"virtserialport,chardev={name},name=vdpad.{name}"]
     cmdline = (f"console=ttyS0 quiet loglevel=3 panic=-1 vdpad.run={folder} "
                f"vdpad.kmod={kernel.modules} vdpad.runner={GUEST_FILES / 'run.sh'}")
+    if init == "systemd":
+        cmdline += " vdpad.init=systemd " + " ".join(SYSTEMD_CMDLINE)
     qemu = [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", os.environ.get("VDPAD_VM_CPU", "max"),
         "-smp", str(cpus), "-m", memory, "-nodefaults", "-no-user-config",
@@ -461,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     go = sub.add_parser("run", help="boot and run a command in the current directory")
     go.add_argument("--timeout", type=float, default=float(os.environ.get("VDPAD_VM_TIMEOUT", 1800)))
     go.add_argument("--memory", default=os.environ.get("VDPAD_VM_MEMORY", "3G"))
+    go.add_argument("--init", choices=INITS, default="sh",
+                    help="PID 1 of the guest: the runner itself (sh, the default) or systemd")
     go.add_argument("--collect", type=Path, metavar="DIR",
                     help="copy what the guest wrote to $VDPAD_VM_OUT into DIR afterwards")
     go.add_argument("command", nargs=argparse.REMAINDER)
@@ -476,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("run needs a command")
     result = boot(kernel, initramfs, command, cwd=Path.cwd(), timeout=args.timeout,
-                  memory=args.memory)
+                  memory=args.memory, init=args.init)
     if args.collect:
         shutil.copytree(result.out, args.collect, dirs_exist_ok=True)
     return result.returncode

@@ -69,10 +69,10 @@ def notify(*, ready: bool = False, status: str | None = None, stopping: bool = F
         try:
             sock.sendto(message, address)
         except OSError as error:
-            log.warning("systemd.notify_failed", socket=target, message=" ".join(lines),
+            log.warning("systemd.notify_failed", socket=target, sent=" ".join(lines),
                         error=errno.errorcode.get(error.errno or 0, str(error)))
             return False
-    log.debug("systemd.notified", message=" ".join(lines))
+    log.debug("systemd.notified", sent=" ".join(lines))
     return True
 
 
