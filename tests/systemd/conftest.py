@@ -28,16 +28,23 @@ VDPAD = Path(sys.executable).with_name("vdpad")
 # is resolved through /proc/devices at start.
 MODULES = ("vhost_vdpa", "vhost_net", "vdpa_sim_net")
 WATCHDOG_SEC = 6
-# ProtectHome=yes hides /root and /home: a virtualenv made from a Python that
-# lives there (pyenv) cannot start without seeing it (read-only).
-IN_A_HOME = any(Path(os.path.realpath(p)).is_relative_to(home) for p in (sys.executable, VDPAD)
-                for home in ("/root", "/home", "/run/user"))
+# What the daemon of a checkout runs from: the checkout (an editable install), its virtualenv, the Python
+# that made it. ProtectHome=yes hides /root and /home (a pyenv Python lives there), PrivateTmp=yes hides
+# /tmp (a CI checkout made with mktemp): the drop-in relaxes just the one that hides them.
+RUNS_FROM = [Path(os.path.realpath(p)) for p in (sys.executable, VDPAD, REPO)]
+
+
+def _under(*tops: str) -> bool:
+    return any(path.is_relative_to(top) for path in RUNS_FROM for top in tops)
+
+
 DROP_IN = f"""[Service]
 ExecStart=
 ExecStart={VDPAD} serve
 Environment=VDPAD_LOG=debug
 WatchdogSec={WATCHDOG_SEC}s
-""" + ("ProtectHome=read-only\n" if IN_A_HOME else "")
+""" + ("ProtectHome=read-only\n" if _under("/root", "/home", "/run/user") else "") \
+    + ("PrivateTmp=no\n" if _under("/tmp", "/var/tmp") else "")
 
 
 def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess:
