@@ -10,7 +10,8 @@ HARNESS := $(PY) -m tests.vm.harness
 PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
-.PHONY: all install test host-test vm-test vm-boot-test systemd-test vm-prepare demo bench bench-host bench-messages clean
+.PHONY: all install test host-test vm-test vm-boot-test systemd-test vm-prepare demo bench bench-restart bench-host \
+	bench-messages bench-service bench-migration bench-deps clean
 
 all: install
 
@@ -58,20 +59,42 @@ test: vm-prepare host-test vm-test systemd-test
 demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad PYTHON=$(PY) sh tests/vm/guest/demo.sh
 
+# Every benchmark; each writes its figures and plot under docs/bench/ (docs/bench/README.md).
+bench: bench-restart bench-messages bench-service bench-migration bench-host
+
+bench-deps: install
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+
 # Restart time with and without IOTLB_PERSIST (tests/bench/restart.py) in the
 # VM, then its plot on the host: docs/bench/restart.json and restart.png.
 BENCH_MEMORY ?= 4G
 BENCH_ARGS ?=
-bench: vm-prepare
-	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+bench-restart: vm-prepare bench-deps
 	$(HARNESS) run --memory $(BENCH_MEMORY) --collect $(CURDIR)/docs/bench -- \
 	  $(PY) -m tests.bench.restart $(BENCH_ARGS)
 	$(PY) -m tests.bench.plot docs/bench/restart.json docs/bench/restart.png
 
+# What the daemon costs (tests/bench/service.py) in the VM: one-mapping commits
+# through it against in-process, round trips, 32 clients for 60 s;
+# docs/bench/service.json and service.png.
+SERVICE_BENCH_ARGS ?=
+bench-service: vm-prepare bench-deps
+	$(HARNESS) run --collect $(CURDIR)/docs/bench -- \
+	  $(PY) -m tests.bench.service $(SERVICE_BENCH_ARGS)
+	$(PY) -m tests.bench.plot_service docs/bench/service.json docs/bench/service.png
+
+# Migration downtime through the daemon (tests/bench/migration.py) in the VM,
+# destination mapped early or at the switch-over, VA and PA mode, then its plot
+# on the host: docs/bench/migration.json and migration.png.
+MIGRATION_BENCH_ARGS ?=
+bench-migration: vm-prepare bench-deps
+	$(HARNESS) run --memory $(BENCH_MEMORY) --collect $(CURDIR)/docs/bench -- \
+	  $(PY) -m tests.bench.migration $(MIGRATION_BENCH_ARGS)
+	$(PY) -m tests.bench.plot_migration docs/bench/migration.json docs/bench/migration.png
+
 # The IOTLB engine's own logic per commit (tests/bench/engine.py), host only, no
 # VM: docs/bench/engine.json and engine.png.
-bench-host: install
-	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+bench-host: bench-deps
 	$(PY) -m tests.bench.engine --out docs/bench
 	$(PY) -m tests.bench.plot_engine docs/bench/engine.json docs/bench/engine.png
 
@@ -80,8 +103,7 @@ bench-host: install
 # before the batch path (MESSAGES_BASELINE, unpacked from git into build/);
 # docs/bench/messages.json and messages.png.
 MESSAGES_BASELINE ?= ae24656
-bench-messages: vm-prepare
-	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
+bench-messages: vm-prepare bench-deps
 	rm -rf build/baseline && mkdir -p build/baseline
 	git archive $(MESSAGES_BASELINE) vdpad | tar -x -C build/baseline
 	cp vdpad/_uapi.* build/baseline/vdpad/

@@ -21,6 +21,7 @@ from vdpad.iotlb import PAGE_SIZE
 from vdpad.mgmt import Busy, Driver, NotFound, VdpaNetlink, attach, detach
 
 SIM_PARAMETERS = Path("/sys/module/vdpa_sim/parameters")
+BLK_PARAMETERS = Path("/sys/module/vdpa_sim_blk/parameters")
 VDPA_DEVICES = Path("/sys/bus/vdpa/devices")
 BROADCAST = b"\xff" * 6
 ETHERTYPE_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental: no stack claims it
@@ -51,6 +52,25 @@ def load_sim(**parameters: bool) -> None:
     _run("modprobe", "-a", "vhost_vdpa", "vdpa_sim_net", "vdpa_sim_blk")
     if sim_parameters() != wanted:
         raise RuntimeError(f"vdpa_sim has {sim_parameters()} after reloading it with {wanted}")
+
+
+@contextmanager
+def blk_shared_backend() -> Iterator[None]:
+    """vdpa_sim_blk with shared_backend=1 for the duration: every blk device reads and writes one RAM disk,
+    as two hosts share a migrated guest's storage; no blk device may exist at either end."""
+    _reload_blk(shared_backend=True)
+    try:
+        yield
+    finally:
+        _reload_blk(shared_backend=False)
+
+
+def _reload_blk(shared_backend: bool) -> None:
+    _run("modprobe", "-r", "vdpa_sim_blk")
+    _run("modprobe", "vdpa_sim_blk", f"shared_backend={int(shared_backend)}")
+    seen = BLK_PARAMETERS.joinpath("shared_backend").read_text().strip() in ("Y", "1")
+    if seen != shared_backend:
+        raise RuntimeError(f"vdpa_sim_blk has shared_backend={seen} after reloading it with {shared_backend}")
 
 
 @contextmanager

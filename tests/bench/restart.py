@@ -1,4 +1,4 @@
-"""Device restart time with and without IOTLB_PERSIST (run inside the VM: `make bench`).
+"""Device restart time with and without IOTLB_PERSIST (run inside the VM: `make bench-restart`).
 
 A restart is what live migration or recovery pays: SET_STATUS(0) through the
 IOTLB engine (which replays every map when the kernel did not keep them),
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             results += measure_mode(mode, sizes, args.repetitions)
     report = {
         "benchmark": "device restart: reset -> rings -> DRIVER_OK -> first frame back, vdpasim_net",
-        "command": "make bench",
+        "command": "make bench-restart",
         "repetitions": args.repetitions,
         "statistic": "median of repetitions, milliseconds",
         "kernel": platform.release(),

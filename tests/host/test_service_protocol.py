@@ -7,12 +7,18 @@ import os
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.host.test_iotlb_plan import maps, pieces_of
 
 from vdpad.cli.output import exit_code
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
 from vdpad.iotlb.memory import RegionInUse
 from vdpad.mgmt.errors import AlreadyExists, Busy, NotFound, PermissionDenied, WaitTimeout
 from vdpad.service import wire
+from vdpad.iotlb.tree import MappingTree
+from vdpad.service.sessions import page_of
 from vdpad.service.protocol import MAX_FDS, MAX_MESSAGE, ProtocolError, RemoteError, Unauthorized, error_reply, remote_error
 
 
@@ -121,3 +127,18 @@ def test_an_unexpected_error_is_internal_and_keeps_its_notes():
     reply = error_reply(error)
     assert reply["kind"] == "internal" and reply["message"].endswith("; while doing y")
     assert isinstance(remote_error(reply), RuntimeError)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(1, 6))
+def test_iotlb_show_pages_give_each_entry_of_both_lists_once_in_order(data, limit):
+    """A map next to the same translation cut into more kernel entries: paged from `next` to `next`."""
+    asked = data.draw(maps())
+    held = MappingTree(sorted(data.draw(pieces_of(asked)), key=lambda m: m.iova))
+    pages, start = [], 0
+    while start is not None:
+        (a, h), start = page_of((asked.tree, held), start, limit)
+        assert len(a) <= limit and len(h) <= limit and (a or h or start is None)
+        pages.append((a, h))
+    assert [m for a, _ in pages for m in a] == list(asked.tree)
+    assert [m for _, h in pages for m in h] == list(held)

@@ -185,3 +185,18 @@ def test_configured_devices_are_made_at_start_and_on_sighup_and_never_deleted(si
         finally:
             for name in (first, second):
                 vdpad("detach", name, "--direct")
+
+
+def test_status_shows_a_device_another_tool_made_within_a_second_or_so(daemon):
+    """status's device walk serves a second of requests (DeviceListing); another tool's change shows after."""
+    name = device_name() + "x"
+    with daemon.client() as client:
+        before = {d["name"] for d in client.status()["devices"]}
+        assert vdpad("attach", name, "--mgmtdev", "vdpasim_net", "--direct")[0] == 0
+        try:
+            started = time.monotonic()
+            wait_for("the device in status", lambda: name in {d["name"] for d in client.status()["devices"]}, 5)
+            assert time.monotonic() - started < 3
+            assert name not in before
+        finally:
+            assert vdpad("detach", name, "--direct")[0] == 0

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -20,11 +21,12 @@ from tests.privilege import run_cli
 from tests.service import running_daemon
 from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
 from vdpad.client import AsyncClient, AsyncSession, RemoteError, RemoteSession
-from vdpad.device import InvalidArgument, NotSupportedError, VhostVdpa
-from vdpad.iotlb import PAGE_SIZE, MemoryRegion, Perm
+from vdpad.device import EventFd, InvalidArgument, NotSupportedError, VhostVdpa
+from vdpad.iotlb import PAGE_SIZE, MemoryRegion, Perm, RegionInUse
 from vdpad.service import wire
 from vdpad.service.protocol import VERSION, ProtocolError, Unauthorized
-from vdpad.virtio import BlkDriver, DmaArena, NetDriver
+from vdpad.virtio import BlkDriver, DmaArena, DriverError, NetDriver
+from vdpad.virtio.net import RX, TX
 
 pytestmark = pytest.mark.kernel
 
@@ -110,8 +112,12 @@ def test_another_client_cannot_touch_a_session(daemon, client, vdpa_net):
     session = client.open_session(vdpa_net.name)
     try:
         with daemon.client() as other:
-            with pytest.raises(Unauthorized, match=f"session {session.number} belongs to another client"):
-                other.call("session.reset", {"session": session.number})
+            for op, args in [("session.reset", {}), ("session.close", {}), ("device.get_status", {}),
+                             ("iotlb.commit", {"ops": [{"op": "unmap", "iova": 0, "size": PAGE_SIZE}]}),
+                             ("memory.alloc", {"name": "theirs", "size": PAGE_SIZE}),
+                             ("group.set_asid", {"group": 0, "asid": 0})]:
+                with pytest.raises(Unauthorized, match=f"session {session.number} belongs to another client"):
+                    other.call(op, {"session": session.number, **args})
             with pytest.raises(RemoteError, match="in use by session"):
                 other.open_session(vdpa_net.name)
             assert other.sessions()[0]["session"] == session.number  # visible, not usable
@@ -244,6 +250,41 @@ def test_memlock_budget_refused_with_the_numbers(sim_modules):
             session.close()
 
 
+def test_two_sessions_cannot_both_take_the_last_of_the_memlock_budget(sim_modules):
+    """Each commit fits alone, not both: one lands, the other is refused by the daemon with the numbers (never
+    the kernel's bare EFAULT), however their lanes interleave."""
+    limit, each = 64 << 20, 48 << 20
+    with sim_mode(use_va=False), running_daemon(memlock=limit) as daemon, \
+            vdpa_device("race0", "vdpasim_net"), vdpa_device("race1", "vdpasim_net"), \
+            MemoryRegion(each, "ram") as ram:
+        clients = [daemon.client() for _ in range(2)]
+        sessions = [c.open_session(f"race{n}") for n, c in enumerate(clients)]
+        for session in sessions:
+            session.register(ram)
+        start = threading.Barrier(2)
+        outcomes: list = [None, None]
+
+        def commit(n: int) -> None:
+            session = sessions[n]
+            start.wait()
+            try:
+                outcomes[n] = session.commit([session.map(iova_far_from_us(session.iova_range, each), ram, 0, each)])
+            except RemoteError as error:
+                outcomes[n] = error
+
+        threads = [threading.Thread(target=commit, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        refused = [o for o in outcomes if isinstance(o, RemoteError)]
+        assert len(refused) == 1, outcomes
+        assert isinstance(refused[0], InvalidArgument) and "RLIMIT_MEMLOCK is 0x4000000" in str(refused[0])
+        assert daemon.status("VmPin") == each
+        for client in clients:
+            client.close()
+
+
 def test_a_silent_client_and_a_deaf_client_slow_no_one(daemon, client):
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     deaf = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -284,6 +325,31 @@ def test_sigterm_closes_every_session_and_exits_zero(sim_modules, vdpa_net):
         client.close()
         assert "session.closed" in daemon.log_text()
         with VhostVdpa(vdpa_net.node):
+            pass
+
+
+def test_sigterm_lets_a_commit_in_flight_finish_and_answer(sim_modules):
+    """PA mode: a 256 MiB map pins pages for a while; SIGTERM meanwhile, and the client still gets its plan."""
+    size = 256 << 20
+    with sim_mode(use_va=False), vdpa_device("sigpa0", "vdpasim_net") as node, running_daemon() as daemon, \
+            MemoryRegion(size, "ram") as ram:
+        client = daemon.client()
+        session = client.open_session("sigpa0")
+        session.register(ram)
+        iova = iova_far_from_us(session.iova_range, size)
+        outcome: list = []
+        committing = threading.Thread(target=lambda: outcome.append(session.commit([session.map(iova, ram, 0, size)])))
+        committing.start()
+        while (pinned := daemon.status("VmPin")) == 0 and committing.is_alive():
+            time.sleep(0.001)
+        daemon.process.send_signal(signal.SIGTERM)
+        committing.join(30)
+        assert 0 < pinned < size, f"{pinned:#x} pinned: the commit was not pinning when SIGTERM came"
+        assert outcome and outcome[0]["update"][0]["size"] == size  # answered, with what was sent
+        assert daemon.process.wait(10) == 0
+        client.close()
+        assert "session.closed" in daemon.log_text()
+        with VhostVdpa(node):  # released
             pass
 
 
@@ -350,6 +416,14 @@ BAD_SESSION_REQUESTS = {
 }
 
 
+def state(client, device: str) -> tuple:
+    """What a refused request must leave as it was: the device's IOTLB, every session (its error count aside)."""
+    sessions = client.sessions()
+    for listed in sessions:
+        listed["counters"].pop("errors")
+    return client.iotlb_show(device), sessions
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SESSION_REQUESTS))
 def test_bad_session_requests_are_refused_by_name_and_change_nothing(daemon, client, vdpa_net, bystander, case):
     op, args, fd_kind, kind, words = BAD_SESSION_REQUESTS[case]
@@ -358,7 +432,7 @@ def test_bad_session_requests_are_refused_by_name_and_change_nothing(daemon, cli
         try:
             session.register(ram)
             session.commit([session.map(iova_far_from_us(session.iova_range, REGION_SIZE), ram, 0, REGION_SIZE)])
-            before = client.iotlb_show(vdpa_net.name), client.sessions()
+            before = state(client, vdpa_net.name)
             fds: list[int] = []
             if fd_kind == "pipe":
                 fds = list(os.pipe())
@@ -371,7 +445,7 @@ def test_bad_session_requests_are_refused_by_name_and_change_nothing(daemon, cli
                 for fd in fds:
                     os.close(fd)
             assert refused.value.kind == kind and words in str(refused.value), str(refused.value)
-            assert (client.iotlb_show(vdpa_net.name), client.sessions()) == before
+            assert state(client, vdpa_net.name) == before
         finally:
             session.close()
     bystander()
@@ -381,6 +455,9 @@ def test_bad_session_requests_are_refused_by_name_and_change_nothing(daemon, cli
     (b"\x00\xff garbage", 0, "not JSON"),
     (b"{}", 20, "more fds than the limit of 16"),
     (json.dumps({"v": VERSION, "id": 1, "op": "hello"}).encode() + b" " * (300 << 10), 0, "over the limit"),
+    (json.dumps({"v": 99, "id": 1, "op": "hello"}).encode(), 0, "version 99 is not served"),
+    (json.dumps({"v": VERSION, "id": 1, "op": "device.fly"}).encode(), 0, "unknown op 'device.fly'"),
+    (b"[" * 50_000, 0, "nested too deep"),
 ])
 def test_garbage_on_the_socket_is_refused_and_others_go_on(daemon, bystander, message, fds, words):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock, open("/dev/null") as null:
@@ -398,6 +475,115 @@ def test_a_peer_outside_the_group_is_refused_and_others_go_on(daemon, bystander)
     refused = run_cli(["session", "list", "--socket", str(daemon.socket)])
     assert refused.returncode == 5 and "(uid 65534) may not use vdpad: root only" in refused.stderr
     bystander()
+
+
+def test_a_peer_outside_the_configured_group_is_refused(sim_modules):
+    with running_daemon(config='group = "daemon"\n') as daemon:  # uid 65534 is not in it
+        refused = run_cli(["session", "list", "--socket", str(daemon.socket)])
+        assert refused.returncode == 5, refused
+        assert "(uid 65534) may not use vdpad: root or members of group 'daemon'" in refused.stderr
+        with daemon.client() as root:
+            assert root.sessions() == []
+
+
+def test_suspend_holds_frames_the_ring_bases_read_through_the_session_resume_delivers(client, vdpa_net):
+    with MemoryRegion(REGION_SIZE, "ram") as ram:
+        session = client.open_session(vdpa_net.name)
+        try:
+            session.register(ram)
+            net, arena, _ = start_net(session, ram)
+            with net, arena:
+                first = frames(8, seed=40)
+                assert net.exchange(first) == first
+                session.device.suspend()
+                assert session.device.get_vring_base(TX) == net.queues[TX].ring.avail_idx == len(first)
+                assert session.device.get_vring_base(RX) == len(first)
+                held = frames(8, seed=41)
+                net.send(held)
+                with pytest.raises(DriverError, match="used after"):
+                    net.receive(1, timeout=0.5)  # suspended: the kick waits
+                assert session.device.get_vring_base(TX) == len(first)
+                session.device.resume()
+                assert net.receive(len(held)) == held
+        finally:
+            session.close()
+
+
+def test_a_group_moved_to_another_address_space_translates_through_it(client, vdpa_net):
+    """group.set_asid reaches the kernel: the data queues' group in ASID 1, the memory mapped only there."""
+    with MemoryRegion(REGION_SIZE, "ram") as ram, MemoryRegion(PAGE_SIZE, "decoy") as decoy:
+        session = client.open_session(vdpa_net.name)
+        try:
+            assert session.info["as_num"] == 2
+            session.register(ram)
+            session.register(decoy)
+            iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+            session.set_group_asid(session.device.get_vring_group(TX), 1)
+            # ASID 0 loses its passthrough and maps nothing at the ring's IOVAs.
+            session.commit([session.map(session.iova_range.first, decoy, 0, PAGE_SIZE)], asid=0)
+            session.commit([session.map(iova, ram, 0, REGION_SIZE)], asid=1)
+            net = NetDriver(session.device, arena := DmaArena(ram, iova))
+            net.start()
+            with net, arena:
+                sent = frames(FRAMES, seed=42)
+                assert net.exchange(sent) == sent
+            shown = {space["asid"]: space for space in client.iotlb_show(vdpa_net.name)["spaces"]}
+            assert [m["memory"] for m in shown[1]["map"]] == ["ram"]
+            assert [m["memory"] for m in shown[0]["map"]] == ["decoy"]
+        finally:
+            session.close()
+
+
+def test_a_config_call_eventfd_is_kept_by_the_session_until_unbound(client, vdpa_net):
+    session = client.open_session(vdpa_net.name)
+    try:
+        with EventFd("config") as config_call:
+            session.device.set_config_call(config_call.fileno())
+        (listed,) = [s for s in client.sessions() if s["session"] == session.number]
+        assert listed["eventfds"] == ["config call"]  # the daemon's duplicate outlives ours
+        session.device.set_config_call(None)
+        (listed,) = [s for s in client.sessions() if s["session"] == session.number]
+        assert listed["eventfds"] == []
+    finally:
+        session.close()
+
+
+def test_counters_add_up_and_never_go_down_when_a_session_closes(client, vdpa_net):
+    before = client.status()["counters"]
+    with MemoryRegion(REGION_SIZE, "ram") as ram:
+        session = client.open_session(vdpa_net.name)
+        session.register(ram)
+        iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+        plans = [session.commit([session.map(iova, ram, 0, REGION_SIZE)]), session.commit([session.unmap(iova, PAGE_SIZE)])]
+        session.reset()
+        with pytest.raises(InvalidArgument):
+            session.commit([session.map(iova, "nope", 0, PAGE_SIZE)])
+        (listed,) = [s for s in client.sessions() if s["session"] == session.number]
+        assert listed["counters"] == {"commits": 2, "iotlb_messages": sum(p["messages"] for p in plans),
+                                      "resets": 1, "errors": 1}
+        session.close()
+    after = client.status()["counters"]
+    assert after["commits"] - before["commits"] == 2 and after["resets"] - before["resets"] == 1
+    assert after["iotlb_messages"] - before["iotlb_messages"] == listed["counters"]["iotlb_messages"]
+
+
+def test_memory_is_released_once_unmapped_and_refused_while_mapped(client, vdpa_net):
+    with MemoryRegion(REGION_SIZE, "ram") as ram:
+        session = client.open_session(vdpa_net.name)
+        try:
+            session.register(ram)
+            iova = iova_far_from_us(session.iova_range, REGION_SIZE)
+            session.commit([session.map(iova, ram, 0, REGION_SIZE)])
+            with pytest.raises(RegionInUse):
+                session.release("ram")
+            session.commit([session.unmap(iova, REGION_SIZE)])
+            session.release("ram")
+            (listed,) = [s for s in client.sessions() if s["session"] == session.number]
+            assert listed["memory"] == []
+            with pytest.raises(InvalidArgument, match="no memory 'ram'"):
+                session.commit([session.map(iova, "ram", 0, PAGE_SIZE)])
+        finally:
+            session.close()
 
 
 def test_blk_sectors_through_a_session_in_pa_mode_across_a_replayed_reset(sim_modules):
@@ -478,18 +664,24 @@ def test_a_client_killed_mid_transaction_releases_everything_while_another_moves
                 pass
 
 
-def test_a_reply_over_the_limit_is_refused_and_the_client_stays(client, vdpa_net):
-    pages = 2600  # entries that cannot merge (a gap between each): ~90 bytes of JSON apiece
+def test_a_map_of_thousands_of_entries_with_long_names_shows_whole_in_pages(client, vdpa_net):
+    pages = 2600  # entries that cannot merge (a gap between each); JSON escapes each "é" to 6 bytes
+    name = "é" * 64
     with MemoryRegion(pages * PAGE_SIZE, "many") as ram:
         session = client.open_session(vdpa_net.name)
         try:
-            session.register(ram)
+            session.register(ram, name)
             base = iova_far_from_us(session.iova_range, 2 * pages * PAGE_SIZE)
-            for first in range(0, pages, 1000):
-                session.commit([session.map(base + 2 * n * PAGE_SIZE, ram, n * PAGE_SIZE, PAGE_SIZE)
-                                for n in range(first, min(first + 1000, pages))])
-            with pytest.raises(ProtocolError, match="over the limit"):
-                client.iotlb_show(vdpa_net.name)
-            assert client.sessions()[0]["mapped"] == pages * PAGE_SIZE  # the same connection goes on
+            for first in range(0, pages, 200):  # ~500 bytes of request apiece: 200 fit one message
+                session.commit([session.map(base + 2 * n * PAGE_SIZE, name, n * PAGE_SIZE, PAGE_SIZE)
+                                for n in range(first, min(first + 200, pages))])
+            # Asked for 4096 of each, the daemon sends fewer: as many as fit one message.
+            (first_page, _) = client.request("iotlb.show", device=vdpa_net.name, limit=4096)["spaces"]
+            assert 0 < len(first_page["map"]) < pages and first_page["next"] is not None
+            # Paged, the whole map comes through: every entry once, in order, in both lists.
+            (space, _) = client.iotlb_show(vdpa_net.name)["spaces"]
+            expected = [base + 2 * n * PAGE_SIZE for n in range(pages)]
+            assert [m["iova"] for m in space["map"]] == [m["iova"] for m in space["kernel"]] == expected
+            assert space["in_sync"] and "next" not in space and space["map"][0]["memory"] == name
         finally:
             session.close()

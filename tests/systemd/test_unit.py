@@ -45,6 +45,8 @@ def test_status_follows_the_sessions(vdpad):
 def test_a_daemon_that_stops_answering_is_killed_by_the_watchdog_and_restarted(vdpad):
     first = status()["pid"]
     before = int(show("vdpad.service", "NRestarts")["NRestarts"])
+    time.sleep(2 * WATCHDOG_SEC)  # twice the timeout: still the same daemon only because its loop pings
+    assert status()["pid"] == first and int(show("vdpad.service", "NRestarts")["NRestarts"]) == before
     run("systemctl", "kill", "--signal=SIGSTOP", "vdpad.service")
     started = time.monotonic()
 
@@ -138,3 +140,22 @@ def test_the_journal_carries_the_events_fields(vdpad):
     assert entry["_SYSTEMD_UNIT"] == "vdpad.service"
     ready = [e for e in entries if e.get("EVENT") == "daemon.ready"]
     assert ready and ready[0]["ACTIVATED"] == "True" and ready[0]["PRIORITY"] == "6"
+
+
+def test_the_unit_reads_the_default_configuration_and_reload_reads_it_again(vdpad):
+    """/etc/vdpad/vdpad.toml without --config: devices made at start; `systemctl reload` makes new ones."""
+    config = Path("/etc/vdpad/vdpad.toml")
+    config.parent.mkdir(exist_ok=True)
+    config.write_text('[[device]]\nname = "sdconf0"\nmgmtdev = "vdpasim_net"\n')
+    try:
+        assert status()["reconciled"]["created"] == ["sdconf0"]
+        assert Path("/sys/bus/vdpa/devices/sdconf0").exists()
+        config.write_text(config.read_text() + '[[device]]\nname = "sdconf1"\nmgmtdev = "vdpasim_net"\n')
+        run("systemctl", "reload", "vdpad.service")
+        wait_for(lambda: Path("/sys/bus/vdpa/devices/sdconf1").exists(), "the device the reload added", 20)
+        assert status()["reconciled"]["created"] == ["sdconf1"]
+    finally:
+        config.unlink()
+        run("systemctl", "stop", "vdpad.service")
+        for name in ("sdconf0", "sdconf1"):
+            run(VDPAD, "detach", name, "--direct", check=False)

@@ -104,7 +104,21 @@ class Client:
         return self.request("session.list")["sessions"]
 
     def iotlb_show(self, device: str, asid: int | None = None) -> dict[str, Any]:
-        return self.request("iotlb.show", device=device, **({} if asid is None else {"asid": asid}))
+        """Every address space's map and kernel entries: a space cut into pages (iotlb.show's `next`) is
+        asked for again from its cut until it is whole. A listing, not a snapshot: commits may land
+        between pages."""
+        shown = self.request("iotlb.show", device=device, **({} if asid is None else {"asid": asid}))
+        for space in shown["spaces"]:
+            while (start := space.pop("next", None)) is not None:
+                more = self.request("iotlb.show", device=device, asid=space["asid"], **{"from": start})
+                if more["session"] != shown["session"]:
+                    raise RuntimeError(f"device {device} changed hands while its IOTLB was listed "
+                                       f"(session {shown['session']}, now {more['session']})")
+                (page,) = more["spaces"]
+                space["map"] += page["map"]
+                space["kernel"] += page["kernel"]
+                space["next"] = page["next"]
+        return shown
 
     def attach(self, name: str, mgmtdev: str, **options: Any) -> dict[str, Any]:
         return self.request("device.attach", name=name, mgmtdev=mgmtdev,
@@ -189,6 +203,37 @@ class RemoteSession:
         """SET_STATUS(0) through the daemon's engine: the maps are kept or replayed."""
         return self._plain("session.reset")
 
+    # -- migration (docs/migration.md) -------------------------------------------------------
+    def save(self) -> dict[str, Any]:
+        """Suspend the running device and return its state, a JSON-serialisable document; the device stays
+        suspended (`device.resume()` carries on)."""
+        return self._plain("session.save")["state"]
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Carry on from `state` on this session's reset device. Refused, nothing changed; failed half-way,
+        the device is left reset with nothing mapped."""
+        self._plain("session.load", state=state)
+
+    def migrate_to(self, destination: RemoteSession) -> dict[str, Any]:
+        """Save this device and load the state on `destination` (prepared ahead: memory registered, maps
+        committed, the driver's eventfds bound); if the destination's daemon answers that the load failed,
+        this device is resumed and carries on, and the error is raised. Returns the state.
+
+        Any other failure (the reply lost, an interrupt) is raised with this device left suspended: the load
+        may have landed, and resuming here could make two devices drive the same rings.
+
+        Both sessions on one connection: one request (`session.migrate`), the daemon resuming the source
+        itself when the load fails."""
+        if destination.client is self.client:
+            return self._plain("session.migrate", to=destination.number)["state"]
+        state = self.save()
+        try:
+            destination.load(state)
+        except RemoteError:
+            self.device.resume()
+            raise
+        return state
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -272,6 +317,23 @@ class _InWorker:
 
 class AsyncSession(_InWorker):
     """A RemoteSession for trio: `await session.commit(...)`; `.device` stays blocking (the driver's)."""
+
+    async def migrate_to(self, destination: AsyncSession) -> dict[str, Any]:
+        """RemoteSession.migrate_to, each side's requests on its own connection's lane."""
+        if destination._target.client is self._target.client:
+            return await trio.to_thread.run_sync(self._target.migrate_to, destination._target, limiter=self._lane)
+        state = await self.save()
+        try:
+            await destination.load(state)
+        except RemoteError:
+            await self.call_device("resume")
+            raise
+        return state
+
+    async def call_device(self, name: str, *values: Any) -> Any:
+        """A call of the session's device (SessionDevice) in this connection's lane."""
+        device = self._target.device
+        return await trio.to_thread.run_sync(functools.partial(getattr(device, name), *values), limiter=self._lane)
 
 
 class AsyncClient(_InWorker):

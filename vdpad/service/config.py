@@ -25,6 +25,7 @@ from vdpad.mgmt import model
 from vdpad.mgmt.binding import Driver
 
 DEFAULT_SOCKET = Path("/run/vdpad/control.sock")
+DEFAULT_CONFIG = Path("/etc/vdpad/vdpad.toml")  # read by `vdpad serve` without --config, when it exists
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SUN_PATH_MAX = 107  # bytes of a Unix socket path: sockaddr_un.sun_path is 108, NUL included
 

@@ -17,6 +17,7 @@ import errno
 import grp
 import importlib.metadata
 import itertools
+import json
 import os
 import signal
 import socket
@@ -31,18 +32,20 @@ import structlog
 import trio
 
 from vdpad import log as vdpad_log
+from vdpad.iotlb import MemoryRegion
 from vdpad.mgmt import aio, binding, lifecycle
 from vdpad.mgmt.binding import Driver
 from vdpad.mgmt.errors import Busy, NotFound
 from vdpad.mgmt.netlink import VdpaNetlink
 from vdpad.mgmt.parent import device_of_node
 from vdpad.mgmt.records import device_record
-from vdpad.service import systemd, wire
+from vdpad.service import switchover, systemd, wire
 from vdpad.service.calls import BOOL_ARGS, BYTES_ARGS, DEVICE_CALLS, FD_ARGS
-from vdpad.service.config import Config, ConfigError, load
+from vdpad.service.config import DEFAULT_CONFIG, Config, ConfigError, load
+from vdpad.service.migration import DeviceState
 from vdpad.service.reconcile import reconcile
-from vdpad.service.protocol import VERSION, ProtocolError, Unauthorized, error_kind, error_reply
-from vdpad.service.sessions import PERMS, MapOp, Peer, Session, plan_record, vm_pinned
+from vdpad.service.protocol import MAX_MESSAGE, VERSION, ProtocolError, Unauthorized, error_kind, error_reply
+from vdpad.service.sessions import PERMS, Counters, MapOp, Peer, Session, plan_record, vm_pinned
 from vdpad.service.wire import ReceivedFds
 
 log = structlog.get_logger("vdpad.service")
@@ -50,6 +53,10 @@ log = structlog.get_logger("vdpad.service")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 SERVER_VERSION = importlib.metadata.version("vdpad")
 REPLY_TIMEOUT = 10.0  # s a client may leave a reply unread before it is dropped
+# Entries of each list one iotlb.show reply holds by default: well under the message limit (~100 bytes
+# apiece, two lists, every address space); the client asks for the next page from where it stops.
+SHOW_PAGE, SHOW_PAGE_MAX = 256, 4096
+STOP_REPLY_TIMEOUT = 1.0  # the same once SIGTERM came: the daemon exits within a few seconds
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -116,6 +123,10 @@ class Args:
         except ValueError:
             raise self._wrong(name, value, "hex bytes") from None
 
+    def document(self, name: str) -> Any:
+        """An argument of any JSON type, checked by its reader (a migration state has a schema of its own)."""
+        return self._take(name, _REQUIRED)
+
     def done(self) -> None:
         if self._raw:
             raise ProtocolError(f"{self.op}: unknown argument(s) {', '.join(map(repr, sorted(self._raw)))}")
@@ -135,6 +146,7 @@ class Totals:
     errors: int = 0
     clients_served: int = 0
     sessions_opened: int = 0
+    clients_failed: int = 0  # connections ended by a bug in the daemon (logged with its traceback)
 
 
 Handler = Callable[["Daemon", Connection, Args], Awaitable[tuple[dict[str, Any], list[int]] | dict[str, Any]]]
@@ -149,27 +161,33 @@ def op(name: str) -> Callable[[Handler], Handler]:
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, client_gid: int | None = None):
         self.config = config
         self.started = time.time()
         self.sessions: dict[int, Session] = {}
         self.connections: set[int] = set()
         self.totals = Totals()
+        self.closed = Counters()  # what sessions that have closed did: the daemon's counters never go down
+        # Memory a closed session could not close (still mapped: a bug); kept open, never freed under a device.
+        self.unreleased: list[MemoryRegion] = []
         self._numbers = itertools.count(1)
         self._opening: set[str] = set()
-        self._client_gid: int | None = None
         self.reconciled: dict[str, Any] | None = None
-        self.use(config)
+        self._client_gid = client_gid
+        self._sending: set[trio.CancelScope] = set()  # replies being sent
+        self.devices = DeviceListing()
+        self.stopping = False
 
-    def use(self, config: Config) -> None:
-        """Take a (re)loaded configuration: the client group now; the socket only at the next start."""
+    def use(self, config: Config, client_gid: int | None = None) -> None:
+        """Take a (re)loaded configuration and its group's gid (client_gid_of): the client group and log
+        level now; the socket only at the next start."""
         if config.socket != self.config.socket:
             log.warning("config.socket_unchanged", socket=str(self.config.socket), wanted=str(config.socket),
                         reason="the listening socket changes at the next start")
             config = dataclasses.replace(config, socket=self.config.socket)
-        self.config = config
-        # Resolved here: a name service lookup may block, and never on the loop at request time.
-        self._client_gid = grp.getgrnam(config.group).gr_gid if config.group else None
+        if log_level(config) != log_level(self.config):
+            vdpad_log.configure(log_level(config))
+        self.config, self._client_gid = config, client_gid
 
     async def reconcile(self) -> None:
         """Create the configured devices that are missing, report the others; never one a session uses."""
@@ -180,6 +198,8 @@ class Daemon:
             log.error("reconcile.failed", error=str(error))
             self.reconciled = {"error": str(error)}
             return
+        finally:
+            self.devices.changed()
         self.reconciled = report.as_dict()
 
     # -- authorization --------------------------------------------------------------------
@@ -205,10 +225,16 @@ class Daemon:
         return next((s for s in self.sessions.values() if s.device == device), None)
 
     async def close_session(self, conn: Connection, number: int) -> None:
+        """Close a session of `conn`; what fails to close is logged (Session.close lets go of the rest)."""
         session = self.sessions.pop(number)
         conn.sessions.discard(number)
+        for name, value in vars(session.counters).items():  # booked now: a status meanwhile counts them once
+            setattr(self.closed, name, getattr(self.closed, name) + value)
         with trio.CancelScope(shield=True):
-            await session.iotlb.in_lane(session.close)
+            try:
+                self.unreleased += await session.iotlb.in_lane(session.close)
+            except Exception:  # noqa: BLE001 - a bug; the daemon and every other session go on
+                log.exception("session.close_failed", session=number, device=session.device)
         self.status_changed()
 
     def status_line(self) -> str:
@@ -219,6 +245,14 @@ class Daemon:
 
     # -- one connection -------------------------------------------------------------------
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
+        """Serve one client until it goes; a bug met on its behalf ends its connection, never the daemon."""
+        try:
+            await self._serve_connection(sock)
+        except Exception:  # noqa: BLE001 - its sessions were closed on the way out
+            self.totals.clients_failed += 1
+            log.exception("client.failed")
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
         conn: Connection | None = None
         try:
             peer = peer_of(sock)
@@ -227,8 +261,11 @@ class Daemon:
             except Unauthorized as refusal:
                 log.warning("client.refused", pid=peer.pid, uid=peer.uid, reason=str(refusal))
                 with trio.move_on_after(REPLY_TIMEOUT):
-                    await wire.asend(sock, wire.encode({"v": VERSION, "id": None, "ok": False,
-                                                        "error": error_reply(refusal)}))
+                    try:
+                        await wire.asend(sock, wire.encode({"v": VERSION, "id": None, "ok": False,
+                                                            "error": error_reply(refusal)}))
+                    except OSError:  # gone before it heard why (EPIPE): nothing to tell
+                        pass
                 return
             conn = Connection(peer)
             self.connections.add(id(conn))
@@ -252,7 +289,7 @@ class Daemon:
             received = await wire.areceive(sock)
         except ProtocolError as error:
             received, refused = None, error
-        except OSError:
+        except OSError:  # ECONNRESET: the client is gone
             return False
         else:
             if received is None:
@@ -268,13 +305,27 @@ class Daemon:
             data = wire.encode(reply)
         except ProtocolError as error:  # a reply over the limit: the client hears why, and stays
             data, fds = wire.encode(self._error(reply["id"], "reply", error, conn)), []
-        try:
-            with trio.fail_after(REPLY_TIMEOUT):
+        # Shielded too: a request that ran when SIGTERM came is answered (stop() shortens the wait).
+        with trio.CancelScope(shield=True) as sending:
+            sending.deadline = trio.current_time() + (STOP_REPLY_TIMEOUT if self.stopping else REPLY_TIMEOUT)
+            self._sending.add(sending)
+            try:
                 await wire.asend(sock, data, fds)
-        except (trio.TooSlowError, OSError) as error:
-            log.warning("client.dropped", pid=conn.peer.pid, reason=str(error) or "reply unread")
+            except OSError as error:
+                log.warning("client.dropped", pid=conn.peer.pid, reason=str(error))
+                return False
+            finally:
+                self._sending.discard(sending)
+        if sending.cancelled_caught:
+            log.warning("client.dropped", pid=conn.peer.pid, reason="reply unread")
             return False
         return True
+
+    def stop(self) -> None:
+        """SIGTERM: replies still waiting for a deaf client's buffer wait no longer than STOP_REPLY_TIMEOUT."""
+        self.stopping = True
+        for sending in self._sending:
+            sending.deadline = min(sending.deadline, trio.current_time() + STOP_REPLY_TIMEOUT)
 
     async def run(self, conn: Connection, message: dict[str, Any], fds: ReceivedFds) -> tuple[dict[str, Any], list[int]]:
         self.totals.requests += 1
@@ -330,29 +381,54 @@ async def _hello(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]
 async def _status(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     args.done()
     try:
-        devices, unknown = await aio.run(_device_records, {s.device: s.number for s in daemon.sessions.values()}), None
+        devices, unknown = await daemon.devices.records(), None
     except OSError as error:  # no vdpa module yet: the daemon's own figures still stand
         devices, unknown = None, str(error)
+    else:
+        in_use = {s.device: s.number for s in daemon.sessions.values()}
+        devices = [{**record, "session": in_use.get(record["name"])} for record in devices]
     sessions = list(daemon.sessions.values())
+    done = {name: value + sum(getattr(s.counters, name) for s in sessions)  # one step with the sessions' list
+            for name, value in vars(daemon.closed).items() if name != "errors"}  # errors: the daemon's own
     # Off the loop: reading a map waits for the engine's lock, which a commit that pins pages holds long.
-    mapped = await trio.to_thread.run_sync(lambda: sum(s.mapped_bytes() for s in sessions))
-    counters = {
-        "commits": sum(s.counters.commits for s in sessions), "iotlb_messages": sum(s.counters.iotlb_messages for s in sessions),
-        "resets": sum(s.counters.resets for s in sessions), "bytes_mapped": mapped,
-        "bytes_pinned": vm_pinned(), **vars(daemon.totals),
-    }
+    mapped, pinned = await trio.to_thread.run_sync(lambda: (sum(s.mapped_bytes() for s in sessions), vm_pinned()))
+    counters = {**done, "bytes_mapped": mapped, "bytes_pinned": pinned, **vars(daemon.totals)}
     return {"version": SERVER_VERSION, "protocol": VERSION, "pid": os.getpid(),
             "uptime": round(time.time() - daemon.started, 3), "devices": devices, "devices_unknown": unknown,
             "sessions": len(sessions), "clients": len(daemon.connections), "counters": counters,
             "reconciled": daemon.reconciled}
 
 
-def _device_records(nl: VdpaNetlink, in_use: dict[str, int]) -> list[dict[str, Any]]:
+class DeviceListing:
+    """The vdpa devices `status` lists: one netlink and sysfs walk (tens of ms under TCG) serves every status
+    asked within MAX_AGE s, and while one runs the others wait for it rather than start their own. The
+    daemon's own attach, detach and reconciliation make the next status walk again."""
+
+    MAX_AGE = 1.0
+
+    def __init__(self) -> None:
+        self._walking = trio.Lock()
+        self._records: list[dict[str, Any]] | None = None
+        self._taken = 0.0
+
+    def changed(self) -> None:
+        self._records = None
+
+    async def records(self) -> list[dict[str, Any]]:
+        async with self._walking:
+            if self._records is None or trio.current_time() - self._taken > self.MAX_AGE:
+                self._records = None  # a failed walk leaves nothing stale behind
+                self._records = await aio.run(_device_records)
+                self._taken = trio.current_time()
+            return self._records
+
+
+def _device_records(nl: VdpaNetlink) -> list[dict[str, Any]]:
     records = []
     for device in nl.devices():
         bound = binding.binding_of(device.name)
         records.append({"name": device.name, "mgmtdev": device.mgmtdev, "driver": bound.driver,
-                        "node": str(bound.node) if bound.node else None, "session": in_use.get(device.name)})
+                        "node": str(bound.node) if bound.node else None})
     return records
 
 
@@ -365,7 +441,10 @@ async def _attach(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
     timeout = args.seconds("timeout", binding.DEFAULT_TIMEOUT)
     args.done()
     lifecycle.check_attach(name, mgmtdev, **options)
-    done = await aio.run(lifecycle.attach, name, mgmtdev, driver=driver, timeout=timeout, **options)
+    try:
+        done = await aio.run(lifecycle.attach, name, mgmtdev, driver=driver, timeout=timeout, **options)
+    finally:
+        daemon.devices.changed()
     log.info("device.attached", device=name, mgmtdev=mgmtdev, pid=conn.peer.pid)
     return device_record(done.device, done.binding)
 
@@ -377,7 +456,10 @@ async def _detach(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
     if (session := daemon.session_of_device(name)) is not None:
         raise Busy(errno.EBUSY, f"device {name} is used by session {session.number} of {session.owner}: "
                                 "it is detached once that session closes")
-    await aio.run(lifecycle.detach, name)
+    try:
+        await aio.run(lifecycle.detach, name)
+    finally:
+        daemon.devices.changed()
     log.info("device.detached", device=name, pid=conn.peer.pid)
     return {}
 
@@ -402,7 +484,7 @@ async def _open(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     conn.sessions.add(number)
     daemon.totals.sessions_opened += 1
     daemon.status_changed()
-    return await session.iotlb.in_lane(session.info)
+    return await session.in_lane(session.info)
 
 
 @op("session.list")
@@ -425,7 +507,7 @@ async def _close(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]
 async def _reset(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     session = daemon.owned(conn, args.uint("session"))
     args.done()
-    await session.iotlb.in_lane(session.reset)
+    await session.in_lane(session.reset)
     return {"persistent": session.iotlb.persistent}
 
 
@@ -435,7 +517,7 @@ async def _register(daemon: Daemon, conn: Connection, args: Args) -> dict[str, A
     name, fd = args.text("name"), args.fd("fd")
     offset, size = args.uint("offset", 0), args.uint("size")
     args.done()
-    region = await session.iotlb.in_lane(lambda: session.register(name, fd, offset, size))
+    region = await session.in_lane(lambda: session.register(name, fd, offset, size))
     return {"name": region.name, "size": region.size}
 
 
@@ -444,7 +526,7 @@ async def _alloc(daemon: Daemon, conn: Connection, args: Args) -> tuple[dict[str
     session = daemon.owned(conn, args.uint("session"))
     name, size = args.text("name"), args.uint("size")
     args.done()
-    region = await session.iotlb.in_lane(lambda: session.allocate(name, size))
+    region = await session.in_lane(lambda: session.allocate(name, size))
     return {"name": region.name, "size": region.size, "fd": 0}, [region.fd]
 
 
@@ -453,7 +535,7 @@ async def _release(daemon: Daemon, conn: Connection, args: Args) -> dict[str, An
     session = daemon.owned(conn, args.uint("session"))
     name = args.text("name")
     args.done()
-    await session.iotlb.in_lane(lambda: session.release(name))
+    await session.in_lane(lambda: session.release(name))
     return {}
 
 
@@ -463,7 +545,7 @@ async def _commit(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
     asid, allow_window = args.uint("asid", 0), args.flag("allow_window", False)
     ops = [_map_op(index, raw) for index, raw in enumerate(args.items("ops"))]
     args.done()
-    plan = await session.iotlb.in_lane(lambda: session.commit(asid, ops, allow_window))
+    plan = await session.in_lane(lambda: session.commit(asid, ops, allow_window))
     log.debug("iotlb.committed", session=session.number, device=session.device, asid=asid, op="iotlb.commit",
               messages=len(plan))
     return plan_record(plan)
@@ -490,16 +572,26 @@ def _map_op(index: int, raw: Any) -> MapOp:
 @op("iotlb.show")
 async def _show(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     device = args.text("device")
-    asid = args.uint("asid", None)
+    asid, start, limit = args.uint("asid", None), args.uint("from", 0), args.uint("limit", SHOW_PAGE)
     args.done()
+    if not 0 < limit <= SHOW_PAGE_MAX:
+        raise ProtocolError(f"iotlb.show: limit {limit} is not between 1 and {SHOW_PAGE_MAX}")
     session = daemon.session_of_device(device) or next(
         (s for s in daemon.sessions.values() if s.dev.path == device), None)
     if session is None:
         raise NotFound(errno.ENOENT, f"no session holds device {device}: its IOTLB is not the daemon's")
     if asid is not None and asid >= session.iotlb.as_num:
         raise ProtocolError(f"iotlb.show: asid {asid} is not below the device's {session.iotlb.as_num} address spaces")
-    return {"session": session.number, "device": session.device, "node": session.dev.path,
-            "spaces": await trio.to_thread.run_sync(session.show_iotlb, asid)}
+
+    def page(limit: int) -> tuple[list[dict[str, Any]], int]:
+        spaces = session.show_iotlb(asid, start, limit)
+        return spaces, len(json.dumps(spaces))
+
+    while True:  # a page of long memory names may not fit the message: fewer entries until it does
+        spaces, size = await trio.to_thread.run_sync(page, limit)
+        if limit == 1 or size < MAX_MESSAGE - 1024:  # room for the rest of the reply
+            return {"session": session.number, "device": session.device, "node": session.dev.path, "spaces": spaces}
+        limit //= 2
 
 
 @op("group.set_asid")
@@ -507,7 +599,7 @@ async def _group(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]
     session = daemon.owned(conn, args.uint("session"))
     group, asid = args.uint("group"), args.uint("asid")
     args.done()
-    await session.iotlb.aset_group_asid(group, asid)
+    await session.in_lane(lambda: session.iotlb.set_group_asid(group, asid))
     return {}
 
 
@@ -527,7 +619,7 @@ def _device_op(name: str) -> Handler:
             else:
                 values[arg] = args.uint(arg)
         args.done()
-        result = await session.iotlb.in_lane(lambda: session.call(name, values))
+        result = await session.in_lane(lambda: session.call(name, values))
         log.debug("device.call", session=session.number, device=session.device, op=name)
         if spec.result == "bytes":
             return {"value": result.hex()}
@@ -540,6 +632,46 @@ def _device_op(name: str) -> Handler:
 
 for _name in DEVICE_CALLS:
     OPS[f"device.{_name}"] = _device_op(_name)
+
+
+# -- migration (docs/migration.md): save a running device's state, load it on a reset one
+@op("session.save")
+async def _save(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    session = daemon.owned(conn, args.uint("session"))
+    args.done()
+    state = await session.in_lane(lambda: switchover.save(session))
+    return {"state": state.to_json()}
+
+
+@op("session.load")
+async def _load(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    session = daemon.owned(conn, args.uint("session"))
+    state = DeviceState.from_json(args.document("state"), session.device)
+    args.done()
+    await session.in_lane(lambda: switchover.load(session, state))
+    return {}
+
+
+@op("session.migrate")
+async def _migrate(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    """Save `session`, load the state on session `to` (both this client's, on this daemon): one request
+    inside the downtime instead of two; if the load fails, the source is resumed here, before the reply."""
+    source, destination = daemon.owned(conn, args.uint("session")), daemon.owned(conn, args.uint("to"))
+    args.done()
+    if source is destination:
+        raise ProtocolError("session.migrate: `to` is the session itself (a restart in place is save, reset, load)")
+    state = await source.in_lane(lambda: switchover.save(source))
+    try:
+        await destination.in_lane(lambda: switchover.load(destination, state))
+    except Exception as error:
+        try:
+            await source.in_lane(source.dev.resume)
+        except Exception as undo:  # noqa: BLE001 - the load's own error is the one to raise
+            error.add_note(f"resuming the source {source.device} failed too: {undo}")
+        else:
+            error.add_note(f"the source {source.device} was resumed and carries on")
+        raise
+    return {"state": state.to_json()}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -584,8 +716,8 @@ async def _watchdog(interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def main(config: Config, config_path: str | None = None) -> None:
-    daemon = Daemon(config)
+async def main(config: Config, config_path: str | None = None, client_gid: int | None = None) -> None:
+    daemon = Daemon(config, client_gid)
     inherited = systemd.listen_fds()
     listeners = inherited or [bind_socket(config.socket)]
     bound_here = not inherited
@@ -608,6 +740,7 @@ async def main(config: Config, config_path: str | None = None) -> None:
                             continue
                         log.info("daemon.stopping", signal=signal.Signals(signum).name)
                         systemd.notify(stopping=True, status="stopping: closing sessions")
+                        daemon.stop()
                         connections_scope.cancel()
                         break
             outer.cancel_scope.cancel()
@@ -623,8 +756,9 @@ async def _reload(daemon: Daemon, config_path: str | None) -> None:
     """SIGHUP: read the configuration again and reconcile; a bad file changes nothing."""
     systemd.notify(reloading=True, status="reloading the configuration")
     try:
-        config = await trio.to_thread.run_sync(load, config_path)
-        daemon.use(config)
+        config, gid = await trio.to_thread.run_sync(lambda: (config := load(config_file(config_path)),
+                                                             client_gid_of(config)))
+        daemon.use(config, gid)
     except (ConfigError, KeyError) as error:
         log.error("daemon.reload_refused", error=str(error), config=config_path)
     else:
@@ -640,14 +774,31 @@ async def _serve_all(daemon: Daemon, listeners: list[socket.socket], scope: trio
                 nursery.start_soon(_accept, daemon, trio.socket.from_stdlib_socket(listener), nursery)
 
 
+def client_gid_of(config: Config) -> int | None:
+    """The configured client group's gid (a name service lookup: it may block, so never on the loop)."""
+    return grp.getgrnam(config.group).gr_gid if config.group else None
+
+
+def log_level(config: Config) -> str:
+    """$VDPAD_LOG wins over the file's log_level."""
+    return os.environ.get("VDPAD_LOG") or config.log_level
+
+
 def serve(config_path: str | None = None, socket_path: str | None = None) -> None:
-    """Run the daemon until SIGTERM or SIGINT. `socket_path` (--socket, $VDPAD_SOCKET) wins over the file's;
-    $VDPAD_LOG over its log_level."""
-    config = load(config_path)
+    """Run the daemon until SIGTERM or SIGINT. Without `config_path`, DEFAULT_CONFIG when it exists.
+    `socket_path` (--socket, $VDPAD_SOCKET) wins over the file's."""
+    config = load(config_file(config_path))
     if socket_path is not None:
         config = dataclasses.replace(config, socket=Path(socket_path))
-    vdpad_log.configure(os.environ.get("VDPAD_LOG") or config.log_level)
-    trio.run(main, config, config_path)
+    vdpad_log.configure(log_level(config))
+    trio.run(main, config, config_path, client_gid_of(config))
+
+
+def config_file(config_path: str | None) -> str | None:
+    """--config, else DEFAULT_CONFIG if it exists now (a reload sees one made since the start), else None."""
+    if config_path is None and DEFAULT_CONFIG.exists():
+        return str(DEFAULT_CONFIG)
+    return config_path
 
 
 __all__ = ["OPS", "Daemon", "bind_socket", "main", "serve", "error_kind"]

@@ -13,25 +13,32 @@ page the device could reach is ever freed while mapped.
 from __future__ import annotations
 
 import errno
+import functools
+import itertools
 import resource
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from vdpad.device import BackendFeature, EventFd, VhostVdpa, VringAddr
-from vdpad.device.errors import InvalidArgument
+from vdpad.device.errors import InvalidArgument, NotSupportedError
 from vdpad.device.iotlb_msg import Access
 from vdpad.iotlb import DeviceIotlb, Mapping, MemoryRegion, Plan
+from vdpad.iotlb.tree import MappingTree
 from vdpad.mgmt import binding
 from vdpad.mgmt.errors import NotFound
 from vdpad.mgmt.netlink import VdpaNetlink
 from vdpad.mgmt.parent import MapKind, map_kind_of_mgmtdev, pins_pages_of_mgmtdev
 from vdpad.service.calls import DEVICE_CALLS
+from vdpad.service.migration import DriverSettings
 
 log = structlog.get_logger("vdpad.service")
+T = TypeVar("T")
 
 # Acked along with the engine's own features, when offered: a session may suspend and resume.
 SESSION_BACKEND_FEATURES = BackendFeature.SUSPEND | BackendFeature.RESUME
@@ -81,6 +88,41 @@ def vm_pinned() -> int:
     return 0
 
 
+class PinBudget:
+    """The daemon's RLIMIT_MEMLOCK, shared by every session's lane: what commits in flight will pin counts
+    with what is pinned already, so two sessions cannot both take the last of it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._promised = 0
+
+    @contextmanager
+    def promise(self, device: str, added: int) -> Iterator[None]:
+        """Hold `added` bytes for one commit; refused, with the numbers, where the kernel would give a bare
+        EFAULT."""
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        if limit == resource.RLIM_INFINITY:
+            yield
+            return
+        with self._lock:
+            pinned, promised = vm_pinned(), self._promised
+            if pinned + promised + added > limit:
+                raise InvalidArgument("iotlb.commit", device,
+                                      f"mapping {added:#x} more bytes would pin {pinned + promised + added:#x} "
+                                      f"bytes; the daemon has {pinned:#x} pinned"
+                                      + (f" and {promised:#x} promised to commits in flight" if promised else "")
+                                      + f", and its RLIMIT_MEMLOCK is {limit:#x} (this device pins every mapped page)")
+            self._promised += added
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._promised -= added
+
+
+PIN_BUDGET = PinBudget()  # one per process: RLIMIT_MEMLOCK and VmPin are the process's
+
+
 @dataclass
 class Session:
     number: int
@@ -93,6 +135,8 @@ class Session:
     eventfds: dict[str, EventFd] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     opened: float = field(default_factory=time.time)
+    # What the client set that vhost cannot read back, for a migration's save (vdpad.service.switchover).
+    driver_settings: DriverSettings = field(default_factory=DriverSettings)
 
     # -- life cycle (run in a worker thread) -------------------------------------------------
     @classmethod
@@ -108,6 +152,7 @@ class Session:
             kind: MapKind | None = map_kind_of_mgmtdev(mgmtdev)[0]
         except (OSError, LookupError):
             kind = None
+        pins_pages = pins_pages_of_mgmtdev(mgmtdev)
         dev = VhostVdpa(bound.node)
         try:
             dev.set_owner()
@@ -116,25 +161,57 @@ class Session:
         except BaseException:
             dev.close()
             raise
-        session = cls(number, owner, device, dev, iotlb, pins_pages_of_mgmtdev(mgmtdev))
+        session = cls(number, owner, device, dev, iotlb, pins_pages)
         session._log().info("session.open", node=str(bound.node), persist=iotlb.persistent,
                             pins=session.pins_pages)
         return session
 
-    def close(self) -> None:
-        """Reset the device, close its fd (the kernel unmaps and unpins all), then eventfds and memory."""
+    def close(self) -> list[MemoryRegion]:
+        """Reset the device, close its fd (the kernel unmaps and unpins all), then eventfds and memory.
+
+        Each step is tried whatever the one before did; what fails is logged. Memory that refuses to close
+        (still mapped) is returned, for the caller to keep open: never freed while a device could reach it."""
         try:
             self.dev.set_status(0)
         except OSError as error:  # a device that cannot reset still lets go of everything on close
             self._log().warning("session.reset_failed", error=str(error))
-        self.dev.close()
-        for eventfd in self.eventfds.values():
-            eventfd.close()
+        for what, owned in [("device", self.dev), *(("eventfd " + k, e) for k, e in self.eventfds.items()),
+                            *(("memory " + k, r) for k, r in self.regions.items())]:
+            try:
+                owned.close()
+            except Exception as error:  # noqa: BLE001 - the rest still closes
+                self._log().error("session.release_failed", what=what, error=repr(error))
+        unreleased = [region for region in self.regions.values() if not region.closed]
         self.eventfds.clear()
-        for region in self.regions.values():
-            region.close()
         self.regions.clear()
         self._log().info("session.closed")
+        return unreleased
+
+    @functools.cached_property
+    def shape(self) -> dict[str, Any]:
+        """What never changes of the device, asked once per session (a migration's load checks against it
+        inside the downtime): its id, the features it offers, each queue's largest ring (GET_VRING_SIZE where
+        the device tells it, else GET_VRING_NUM), groups, address spaces, IOVA range."""
+        dev, iova = self.dev, self.iotlb.iova_range
+
+        def ring_limit(index: int) -> int:
+            try:
+                return dev.get_vring_size(index)
+            except NotSupportedError:
+                return dev.get_vring_num()
+
+        return {"device_id": dev.get_device_id(), "offered": dev.get_features(),
+                "ring_limits": tuple(ring_limit(i) for i in range(dev.get_vqs_count())),
+                "group_num": self.iotlb.group_num, "as_num": self.iotlb.as_num,
+                "iova_first": iova.first, "iova_last": iova.last}
+
+    async def in_lane(self, work: Callable[[], T]) -> T:
+        """`work` in the device's lane (DeviceIotlb.in_lane); a failure counts in the session's errors."""
+        try:
+            return await self.iotlb.in_lane(work)
+        except Exception:
+            self.counters.errors += 1
+            raise
 
     def _log(self, **fields: Any) -> Any:
         return log.bind(session=self.number, device=self.device, **fields)
@@ -181,35 +258,34 @@ class Session:
                     added += op.size
                 else:
                     tx.unmap(op.iova, op.size)
-            if self.pins_pages and added:
-                self._check_budget(added)
+            promised = PIN_BUDGET.promise(self.device, added) if self.pins_pages and added else nullcontext()
+            promised.__enter__()
         except BaseException:
             tx.abort()
             raise
-        plan = tx.commit()
+        try:
+            plan = tx.commit()
+        finally:
+            promised.__exit__(None, None, None)
         self.counters.commits += 1
         self.counters.iotlb_messages += len(plan)
         return plan
 
-    def _check_budget(self, added: int) -> None:
-        """Refuse, with the numbers, a map the kernel would refuse with a bare EFAULT (RLIMIT_MEMLOCK)."""
-        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-        if limit == resource.RLIM_INFINITY:
-            return
-        pinned = vm_pinned()
-        if pinned + added > limit:
-            raise InvalidArgument("iotlb.commit", self.device,
-                                  f"mapping {added:#x} more bytes would pin {pinned + added:#x} bytes; the daemon "
-                                  f"has {pinned:#x} pinned and its RLIMIT_MEMLOCK is {limit:#x} "
-                                  "(this device pins every mapped page)")
-
     def reset(self) -> None:
-        self.iotlb.reset()
-        self.counters.resets += 1
+        try:
+            self.iotlb.reset()
+        finally:  # SET_STATUS(0) came first: even a failed replay leaves nothing of the driver's set-up
+            self.driver_settings = DriverSettings()
+            self.counters.resets += 1
 
     # -- device calls --------------------------------------------------------------------------
     def call(self, name: str, args: dict[str, Any]) -> Any:
         """The VhostVdpa method `name` (a DEVICE_CALLS entry), with its arguments checked by the caller."""
+        result = self._forward(name, args)
+        self.driver_settings.note(name, args)
+        return result
+
+    def _forward(self, name: str, args: dict[str, Any]) -> Any:
         spec = DEVICE_CALLS[name]
         if name == "set_status" and args["status"] == 0:
             return self.reset()
@@ -249,7 +325,8 @@ class Session:
             "opened": self.opened, "persistent": self.iotlb.persistent,
             "map_kind": self.iotlb.map_kind.value if self.iotlb.map_kind else None,
             "pins_pages": self.pins_pages,
-            "memory": [{"name": r.name, "size": r.size} for r in self.regions.values()],
+            # tuple(): one step, so a lane that registers meanwhile cannot change the dict under us
+            "memory": [{"name": r.name, "size": r.size} for r in tuple(self.regions.values())],
             "mapped": self.mapped_bytes(),
             "eventfds": sorted(self.eventfds),
             "counters": vars(self.counters),
@@ -258,14 +335,17 @@ class Session:
     def mapped_bytes(self) -> int:
         return sum(entry.size for asid in range(self.iotlb.as_num) for entry in self.iotlb.space(asid))
 
-    def show_iotlb(self, asid: int | None) -> list[dict[str, Any]]:
+    def show_iotlb(self, asid: int | None, start: int, limit: int) -> list[dict[str, Any]]:
+        """Each address space's map and kernel entries that start in [start, next): at most `limit` of each.
+        `next` is where the following page starts (None: this was the last), the same cut for both lists."""
         spaces = range(self.iotlb.as_num) if asid is None else [asid]
         shown = []
         for number in spaces:
             view = self.iotlb.space(number)
+            (asked, held), cut = page_of((view.map.tree, view.units), start, limit)
             shown.append({"asid": number, "in_sync": view.in_sync, "initial": view.initial,
-                          "map": [mapping_record(m) for m in view.entries],
-                          "kernel": [mapping_record(m) for m in view.units]})
+                          "map": [mapping_record(m) for m in asked], "kernel": [mapping_record(m) for m in held],
+                          "next": cut})
         return shown
 
     def info(self) -> dict[str, Any]:
@@ -275,6 +355,14 @@ class Session:
                 "device_id": self.dev.get_device_id(), "persistent": self.iotlb.persistent,
                 "backend_features": int(self.iotlb.acked), "as_num": self.iotlb.as_num,
                 "group_num": self.iotlb.group_num, "iova_range": {"first": iova.first, "last": iova.last}}
+
+
+def page_of(trees: Sequence[MappingTree], start: int, limit: int) -> tuple[list[list[Mapping]], int | None]:
+    """Of each tree, the entries that start in [start, cut): at most `limit` of each, cut at the first IOVA
+    that would take any list past it (None: no list was cut). The next page starts at the cut."""
+    lists = [list(itertools.islice(tree.starting_from(start), limit + 1)) for tree in trees]
+    cut = min((entries[limit].iova for entries in lists if len(entries) > limit), default=None)
+    return [[m for m in entries if cut is None or m.iova < cut] for entries in lists], cut
 
 
 def mapping_record(mapping: Mapping) -> dict[str, Any]:

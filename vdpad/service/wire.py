@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -82,8 +83,10 @@ def decode(data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int) -> tu
             raise ProtocolError(f"message over the limit of {MAX_MESSAGE} bytes")
         try:
             message = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # bad UTF-8 or JSON; an integer of more digits than Python converts
             raise ProtocolError(f"message is not JSON: {error}") from None
+        except RecursionError:
+            raise ProtocolError("message is not JSON the daemon takes: nested too deep") from None
         if not isinstance(message, dict):
             raise ProtocolError(f"message is a JSON {type(message).__name__}, not an object")
     except BaseException:
@@ -99,9 +102,16 @@ def send(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], ReceivedFds] | None:
     """The next message, or None when the peer has gone."""
     data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-    if not data and not ancdata:
+    if not data and not ancdata and peer_gone(sock):
         return None
     return decode(data, ancdata, flags)
+
+
+def peer_gone(sock: Any) -> bool:
+    """After an empty read: the peer closed (POLLRDHUP), rather than sent a message of no bytes."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return bool(poller.poll(0))  # no wait: the answer is there already
 
 
 async def asend(sock: Any, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -112,6 +122,6 @@ async def asend(sock: Any, data: bytes, fds: Sequence[int] = ()) -> None:
 async def areceive(sock: Any) -> tuple[dict[str, Any], ReceivedFds] | None:
     """As receive(), on a trio socket."""
     data, ancdata, flags, _ = await sock.recvmsg(MAX_MESSAGE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-    if not data and not ancdata:
+    if not data and not ancdata and peer_gone(sock):
         return None
     return decode(data, ancdata, flags)

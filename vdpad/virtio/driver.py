@@ -157,6 +157,10 @@ class VirtioDriver:
             self.dev.set_vring_enable(index, True)
         self.dev.set_status(step | DeviceStatus.DRIVER_OK)
         self._log.debug("virtio.driver_ok", features=hex(self.features), queues=sorted(self.queues))
+        self._kick_in_flight()
+
+    def _kick_in_flight(self) -> None:
+        """Kick every queue with buffers out: a device looks at a ring only when kicked."""
         for queue in self.queues.values():
             if queue.ring.in_flight:
                 queue.kick()
@@ -198,6 +202,23 @@ class VirtioDriver:
 
     def _prepare_buffers(self) -> None:
         """Each device type takes its buffers from the fresh arenas here; receive buffers are queued before DRIVER_OK."""
+
+    # -- migration (docs/migration.md) --------------------------------------
+    def bind(self, dev: Transport) -> None:
+        """Bind the queues' kick and call eventfds on `dev` too: a migration's destination, before its load
+        (or this device after a reset, which forgets the call eventfds)."""
+        for index, queue in self.queues.items():
+            dev.set_vring_kick(index, queue.kick_eventfd.fileno())
+            dev.set_vring_call(index, queue.call_eventfd.fileno())
+
+    def carry_on(self, dev: Transport) -> None:
+        """Drive `dev` from now on: it was loaded with this driver's queues (their sizes, addresses and the
+        bases the old device had reached), so the rings, buffers and eventfds stay as they are. Every queue
+        with buffers out is kicked: a device looks at a ring only when kicked."""
+        self.dev = dev
+        self._ring_limits = {}
+        self._log = log.bind(device=dev.path)
+        self._kick_in_flight()
 
     # -- life cycle -------------------------------------------------------
     def close(self) -> None:
