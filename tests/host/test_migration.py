@@ -196,5 +196,21 @@ def test_the_source_is_resumed_only_when_the_daemon_says_the_load_failed(failure
     else:
         with pytest.raises(type(failure)):
             run()
-    assert source.asked == ["save", "resume"] if resumed else ["save"]
+    assert source.asked == (["save", "resume"] if resumed else ["save"])
     assert destination.asked == ["load"]
+
+
+def test_two_sessions_of_one_connection_migrate_in_one_request():
+    """The daemon does the save, the load and (when the load fails) the resume: the client asks once."""
+    class Session:
+        def __init__(self, client, number):
+            self.client, self.number, self.asked = client, number, []
+
+        def _plain(self, op, **args):
+            self.asked.append((op, args))
+            return {"state": {"version": 1}}
+
+    client = object()
+    source, destination = Session(client, 1), Session(client, 2)
+    assert RemoteSession.migrate_to(source, destination) == {"version": 1}
+    assert source.asked == [("session.migrate", {"to": 2})] and destination.asked == []

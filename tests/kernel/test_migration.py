@@ -8,6 +8,7 @@ import json
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -288,14 +289,13 @@ def write_across_the_switch_over(blk: BlkDriver, source, destination, sector: in
     """Save the source, write `data` at `sector` into its suspended ring (the request waits), load the
     destination and carry on there: the write completes on the destination. The saved state."""
     state = source.save()
-    writer = threading.Thread(target=blk.write, args=(sector, data, TIMEOUT))
-    writer.start()
-    writer.join(0.5)
-    assert writer.is_alive(), "the suspended source completed a request"
-    destination.load(state)
-    blk.carry_on(destination.device)
-    writer.join(TIMEOUT)
-    assert not writer.is_alive(), "the destination did not complete the request in flight"
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(blk.write, sector, data, TIMEOUT)
+        with pytest.raises(TimeoutError):
+            writing.result(0.5)  # the suspended source holds it
+        destination.load(state)
+        blk.carry_on(destination.device)
+        writing.result(TIMEOUT)  # done by the destination (a failed write raises here)
     return state
 
 
@@ -359,4 +359,30 @@ def test_blk_data_written_before_the_switch_over_reads_back_on_the_destination(d
             assert blk.read(40, 8) == before and blk.read(80, 2) == queued
             # Exactly once: the destination consumed the queued write and the two reads, nothing more.
             assert destination.device.get_vring_base(0) == state["queues"][0]["base"] + 3
+        destination.close()
+
+
+def test_a_load_that_would_pin_beyond_the_memlock_limit_is_refused_before_anything_changes(sim_modules):
+    """PA mode, the destination left unmapped: the load would pin the memory again, over RLIMIT_MEMLOCK."""
+    tag = os.getpid() % 1000
+    with sim_mode(use_va=False), running_daemon(memlock=REGION_SIZE + REGION_SIZE // 2) as daemon, \
+            vdpa_device(f"ml{tag}s", "vdpasim_net"), vdpa_device(f"ml{tag}d", "vdpasim_net"), \
+            daemon.client() as client, MemoryRegion(REGION_SIZE, "ram") as ram:
+        source, destination = client.open_session(f"ml{tag}s"), client.open_session(f"ml{tag}d")
+        iova = iova_far_from_us(source.iova_range, REGION_SIZE)
+        source.register(ram)
+        destination.register(ram)
+        source.commit([source.map(iova, ram, 0, REGION_SIZE)])
+        with DmaArena(ram, iova) as arena, NetDriver(source.device, arena) as net:
+            net.start()
+            net.bind(destination.device)
+            shown = client.iotlb_show(destination.info["device"])
+            with pytest.raises(InvalidArgument, match=r"state\.spaces\[0\]\.map: .*RLIMIT_MEMLOCK is 0x180000"):
+                source.migrate_to(destination)
+            assert_untouched(client, destination, shown)
+            assert daemon.status("VmPin") == REGION_SIZE
+            sent = frames(BATCH, seed=7)
+            net.carry_on(source.device)  # resumed by the daemon
+            assert net.exchange(sent) == sent
+        source.close()
         destination.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from vdpad.device.errors import InvalidArgument
-from vdpad.device.flags import DeviceStatus, VirtioDeviceId
+from vdpad.device.flags import DeviceStatus, VirtioDeviceId, VirtioFeature
 from vdpad.iotlb.memory import PAGE_SIZE
 
 VERSION = 1
@@ -214,6 +214,8 @@ def check(state: DeviceState, device: DeviceDescription) -> None:
     if state.device_id != device.device_id:
         refuse("device_id", f"the state is of virtio device {_device_kind(state.device_id)}; {device.name} is "
                             f"{_device_kind(device.device_id)}")
+    if state.features & VirtioFeature.RING_PACKED:
+        refuse("features", "RING_PACKED: a packed ring's state is not one 16-bit index (not supported)")
     if missing := state.features & ~device.offered:
         refuse("features", f"{device.name} does not offer {missing:#x} of {state.features:#x} (offers "
                            f"{device.offered:#x})")

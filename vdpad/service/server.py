@@ -410,16 +410,21 @@ class DeviceListing:
         self._walking = trio.Lock()
         self._records: list[dict[str, Any]] | None = None
         self._taken = 0.0
+        self._changes = 0  # a walk that a change overtook is not kept
 
     def changed(self) -> None:
         self._records = None
+        self._changes += 1
 
     async def records(self) -> list[dict[str, Any]]:
         async with self._walking:
             if self._records is None or trio.current_time() - self._taken > self.MAX_AGE:
                 self._records = None  # a failed walk leaves nothing stale behind
-                self._records = await aio.run(_device_records)
-                self._taken = trio.current_time()
+                changes = self._changes
+                records = await aio.run(_device_records)
+                if changes == self._changes:
+                    self._records, self._taken = records, trio.current_time()
+                return records
             return self._records
 
 
@@ -665,7 +670,7 @@ async def _migrate(daemon: Daemon, conn: Connection, args: Args) -> dict[str, An
         await destination.in_lane(lambda: switchover.load(destination, state))
     except Exception as error:
         try:
-            await source.in_lane(source.dev.resume)
+            await source.in_lane(source.dev.resume)  # save refuses a device its client suspended
         except Exception as undo:  # noqa: BLE001 - the load's own error is the one to raise
             error.add_note(f"resuming the source {source.device} failed too: {undo}")
         else:

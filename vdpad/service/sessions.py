@@ -99,25 +99,32 @@ class PinBudget:
     @contextmanager
     def promise(self, device: str, added: int) -> Iterator[None]:
         """Hold `added` bytes for one commit; refused, with the numbers, where the kernel would give a bare
-        EFAULT."""
-        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-        if limit == resource.RLIM_INFINITY:
-            yield
-            return
+        EFAULT. Conservative while a commit pins: its pages count in VmPin and in its promise until it ends."""
         with self._lock:
-            pinned, promised = vm_pinned(), self._promised
-            if pinned + promised + added > limit:
-                raise InvalidArgument("iotlb.commit", device,
-                                      f"mapping {added:#x} more bytes would pin {pinned + promised + added:#x} "
-                                      f"bytes; the daemon has {pinned:#x} pinned"
-                                      + (f" and {promised:#x} promised to commits in flight" if promised else "")
-                                      + f", and its RLIMIT_MEMLOCK is {limit:#x} (this device pins every mapped page)")
+            self._refuse_beyond(device, added)
             self._promised += added
         try:
             yield
         finally:
             with self._lock:
                 self._promised -= added
+
+    def check(self, device: str, added: int) -> None:
+        """Refuse now what promise() would refuse, holding nothing (a migration's load checks before it acts)."""
+        with self._lock:
+            self._refuse_beyond(device, added)
+
+    def _refuse_beyond(self, device: str, added: int) -> None:
+        limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        if limit == resource.RLIM_INFINITY:
+            return
+        pinned, promised = vm_pinned(), self._promised
+        if pinned + promised + added > limit:
+            raise InvalidArgument("iotlb.commit", device,
+                                  f"mapping {added:#x} more bytes would pin {pinned + promised + added:#x} "
+                                  f"bytes; the daemon has {pinned:#x} pinned"
+                                  + (f" and {promised:#x} promised to commits in flight" if promised else "")
+                                  + f", and its RLIMIT_MEMLOCK is {limit:#x} (this device pins every mapped page)")
 
 
 PIN_BUDGET = PinBudget()  # one per process: RLIMIT_MEMLOCK and VmPin are the process's
@@ -162,6 +169,11 @@ class Session:
             dev.close()
             raise
         session = cls(number, owner, device, dev, iotlb, pins_pages)
+        try:
+            session.shape  # asked now, not inside a migration's downtime
+        except BaseException:
+            dev.close()
+            raise
         session._log().info("session.open", node=str(bound.node), persist=iotlb.persistent,
                             pins=session.pins_pages)
         return session

@@ -25,7 +25,7 @@ from vdpad.device.errors import InvalidArgument
 from vdpad.iotlb import Mapping
 from vdpad.service.migration import RUNNING, DeviceDescription, DeviceState, MapEntry, QueueState, check
 from vdpad.service.protocol import MAX_MESSAGE
-from vdpad.service.sessions import PERMS, MapOp, Session
+from vdpad.service.sessions import PERMS, PIN_BUDGET, MapOp, Session
 
 log = structlog.get_logger("vdpad.service")
 
@@ -50,6 +50,9 @@ def save(session: Session) -> DeviceState:
     if settings.features & VirtioFeature.RING_PACKED:
         raise NotSupportedError("session.save of packed rings (their state is not one 16-bit index)", session.device,
                                 errno=errno.EOPNOTSUPP)
+    if dev.suspended:
+        raise InvalidArgument("session.save", session.device, "the device is suspended already: a save suspends "
+                                                              "it itself (and resumes it when the save fails)")
     wanted = BackendFeature.SUSPEND | BackendFeature.RESUME
     if session.iotlb.acked & wanted != wanted:
         raise NotSupportedError("SUSPEND", session.device, errno=errno.EOPNOTSUPP)
@@ -151,6 +154,8 @@ def _check_maps(session: Session, state: DeviceState) -> None:
                     tx.map(op.iova, session.region(op.memory or ""), op.offset, op.size, op.perm)
                 else:
                     tx.unmap(op.iova, op.size)
+            if session.pins_pages:  # what the kernel would refuse with a bare EFAULT, refused here by number
+                PIN_BUDGET.check(session.device, sum(op.size for op in ops if op.kind == "map"))
         except InvalidArgument as refused:
             raise InvalidArgument("session.load", session.device, f"state.spaces[{asid}].map: {refused.problem}") from None
         finally:
