@@ -419,7 +419,6 @@ class DeviceListing:
     async def records(self) -> list[dict[str, Any]]:
         async with self._walking:
             if self._records is None or trio.current_time() - self._taken > self.MAX_AGE:
-                self._records = None  # a failed walk leaves nothing stale behind
                 changes = self._changes
                 records = await aio.run(_device_records)
                 if changes == self._changes:

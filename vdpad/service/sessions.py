@@ -28,7 +28,7 @@ import structlog
 from vdpad.device import BackendFeature, EventFd, VhostVdpa, VringAddr
 from vdpad.device.errors import InvalidArgument, NotSupportedError
 from vdpad.device.iotlb_msg import Access
-from vdpad.iotlb import DeviceIotlb, Mapping, MemoryRegion, Plan
+from vdpad.iotlb import DeviceIotlb, Mapping, MemoryRegion, Plan, Transaction
 from vdpad.iotlb.tree import MappingTree
 from vdpad.mgmt import binding
 from vdpad.mgmt.errors import NotFound
@@ -260,7 +260,9 @@ class Session:
                                   f"session {self.number} has no memory {name!r} (registered: {known})") from None
 
     # -- the IOTLB ---------------------------------------------------------------------------
-    def commit(self, asid: int, ops: Iterable[MapOp], allow_window: bool) -> Plan:
+    def stage(self, asid: int, ops: Iterable[MapOp], allow_window: bool = False) -> tuple[Transaction, int]:
+        """A transaction holding `ops`, each checked by the engine (nothing sent yet), and the bytes its maps
+        add; a refused op aborts it."""
         tx = self.iotlb.transaction(asid, allow_window=allow_window)
         try:
             added = 0
@@ -270,15 +272,19 @@ class Session:
                     added += op.size
                 else:
                     tx.unmap(op.iova, op.size)
-            promised = PIN_BUDGET.promise(self.device, added) if self.pins_pages and added else nullcontext()
-            promised.__enter__()
         except BaseException:
             tx.abort()
             raise
+        return tx, added
+
+    def commit(self, asid: int, ops: Iterable[MapOp], allow_window: bool) -> Plan:
+        tx, added = self.stage(asid, ops, allow_window)
         try:
-            plan = tx.commit()
+            with PIN_BUDGET.promise(self.device, added) if self.pins_pages and added else nullcontext():
+                plan = tx.commit()
         finally:
-            promised.__exit__(None, None, None)
+            if tx.state == "open":  # the budget refused it before its commit began
+                tx.abort()
         self.counters.commits += 1
         self.counters.iotlb_messages += len(plan)
         return plan

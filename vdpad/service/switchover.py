@@ -144,22 +144,17 @@ def _map_changes(session: Session, state: DeviceState) -> Iterator[tuple[int, li
 
 
 def _check_maps(session: Session, state: DeviceState) -> None:
-    """Each map change staged in a transaction and abandoned: whatever the engine refuses is refused here,
-    naming the address space, before the device is touched."""
+    """Each map change staged in a transaction and abandoned, what it would pin held against the budget:
+    whatever the engine or the budget refuses is refused here, naming the address space, before the device
+    is touched."""
     for asid, ops in _map_changes(session, state):
-        tx = session.iotlb.transaction(asid)
         try:
-            for op in ops:
-                if op.kind == "map":
-                    tx.map(op.iova, session.region(op.memory or ""), op.offset, op.size, op.perm)
-                else:
-                    tx.unmap(op.iova, op.size)
+            tx, added = session.stage(asid, ops)
+            tx.abort()
             if session.pins_pages:  # what the kernel would refuse with a bare EFAULT, refused here by number
-                PIN_BUDGET.check(session.device, sum(op.size for op in ops if op.kind == "map"))
+                PIN_BUDGET.check(session.device, added)
         except InvalidArgument as refused:
             raise InvalidArgument("session.load", session.device, f"state.spaces[{asid}].map: {refused.problem}") from None
-        finally:
-            tx.abort()
 
 
 def _load_maps(session: Session, state: DeviceState) -> None:
