@@ -14,5 +14,5 @@ def main() -> None:
 
 
 for _command in (manage.mgmtdev, manage.dev, manage.attach, manage.detach, info.info,
-                 daemon.serve, daemon.status, daemon.session, daemon.iotlb):
+                 daemon.serve, daemon.status, daemon.session, daemon.iotlb, daemon.domain):
     main.add_command(_command)

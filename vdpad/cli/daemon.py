@@ -1,4 +1,4 @@
-"""`vdpad serve`, and the commands that ask the daemon: `status`, `session list`, `iotlb show`."""
+"""`vdpad serve`, and the commands that ask the daemon: `status`, `session list`, `iotlb show`, `domain list|show`."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def status(socket_path: str | None, as_json: bool) -> None:
         emit_json(record)
         return
     click.echo(fields([("version", record["version"]), ("pid", record["pid"]), ("uptime", f"{record['uptime']:.0f} s"),
-                       ("sessions", record["sessions"]), ("clients", record["clients"])]))
+                       ("sessions", record["sessions"]), ("domains", record["domains"]),
+                       ("clients", record["clients"])]))
     click.echo(fields(sorted(record["counters"].items())))
     if record["devices_unknown"]:
         click.echo(f"devices: unknown ({record['devices_unknown']})")
@@ -104,3 +105,58 @@ def iotlb_show(device: str, asid: int | None, socket_path: str | None, as_json: 
                 rows = [{k: (f"{v:#x}" if isinstance(v, int) and k != "memory" else v) for k, v in e.items()}
                         for e in entries]
                 click.echo("\n".join("    " + line for line in table(rows, columns).splitlines()))
+
+
+@click.group()
+def domain() -> None:
+    """vIOMMU domains: address spaces that many devices translate through."""
+
+
+def _misses(record: dict) -> str:
+    misses = record["misses"]
+    if not misses:
+        return "-"
+    return f"{misses['served'] + misses['late']} served, {misses['unmapped'] + misses['denied']} unanswered"
+
+
+@domain.command("list")
+@socket_option
+@json_option
+@reports_errors
+def domain_list(socket_path: str | None, as_json: bool) -> None:
+    """Every domain: its owner, entries, mapped bytes, attached sessions and the misses it answered."""
+    with Client(socket_path) as client:
+        domains = client.domains()
+    if as_json:
+        emit_json(domains)
+        return
+    rows = [{**d, "pid": d["owner"]["pid"], "sessions": ",".join(str(s["session"]) for s in d["devices"]) or "-",
+             "misses": _misses(d)} for d in domains]
+    click.echo(table(rows, [("domain", "DOMAIN"), ("pid", "PID"), ("entries", "ENTRIES"), ("mapped", "MAPPED"),
+                            ("commits", "COMMITS"), ("sessions", "SESSIONS"), ("misses", "MISSES")]))
+
+
+@domain.command("show")
+@click.argument("name")
+@socket_option
+@json_option
+@reports_errors
+def domain_show(name: str, socket_path: str | None, as_json: bool) -> None:
+    """A domain's map, its memory and the devices attached to it."""
+    with Client(socket_path) as client:
+        shown = client.domain_show(name)
+    if as_json:
+        emit_json(shown)
+        return
+    click.echo(fields([("domain", shown["domain"]), ("owner pid", shown["owner"]["pid"]),
+                       ("entries", shown["entries"]), ("mapped", shown["mapped"]), ("commits", shown["commits"]),
+                       ("memory", ", ".join(f"{m['name']} ({m['size']:#x})" for m in shown["memory"]) or "-"),
+                       ("misses", _misses(shown))]))
+    if shown["devices"]:
+        click.echo()
+        click.echo(table(shown["devices"], [("session", "SESSION"), ("device", "DEVICE"), ("kind", "KIND"),
+                                            ("asid", "ASID")]))
+    click.echo()
+    rows = [{k: (f"{v:#x}" if isinstance(v, int) else v) for k, v in e.items()} for e in shown["map"]]
+    click.echo(table(rows, [("iova", "IOVA"), ("size", "SIZE"), ("memory", "MEMORY"), ("offset", "OFFSET"),
+                            ("perm", "PERM")]))

@@ -34,8 +34,8 @@ from vdpad.service.calls import DEVICE_CALLS, FD_ARGS
 from vdpad.service.config import DEFAULT_SOCKET
 from vdpad.service.protocol import VERSION, ProtocolError, RemoteError, remote_error
 
-__all__ = ["AsyncClient", "AsyncSession", "Client", "DaemonUnavailable", "RemoteError", "RemoteSession", "SessionDevice",
-           "socket_path"]
+__all__ = ["AsyncClient", "AsyncSession", "Client", "DaemonUnavailable", "RemoteDomain", "RemoteError", "RemoteSession",
+           "SessionDevice", "socket_path"]
 
 _PERM_NAMES = {Access.RO: "ro", Access.WO: "wo", Access.RW: "rw"}
 
@@ -130,6 +130,30 @@ class Client:
     def open_session(self, device: str, *, persist: bool = True) -> RemoteSession:
         return RemoteSession(self, self.request("session.open", device=device, persist=persist))
 
+    def open_vhost_net(self, tap: int) -> RemoteSession:
+        """A session on a vhost-net device of its own, backed by `tap` (a tap's fd: the daemon keeps a
+        duplicate); it translates through a domain (RemoteDomain.attach) once ACCESS_PLATFORM is acked."""
+        result, passed = self.call("session.open", {"device": "vhost-net", "tap": 0}, [tap])
+        passed.close()
+        return RemoteSession(self, result)
+
+    # -- vIOMMU domains ------------------------------------------------------------------------
+    def create_domain(self, name: str) -> RemoteDomain:
+        self.request("domain.create", name=name)
+        return RemoteDomain(self, name)
+
+    def domains(self) -> list[dict[str, Any]]:
+        return self.request("domain.list")["domains"]
+
+    def domain_show(self, name: str) -> dict[str, Any]:
+        """A domain and its whole map (asked for page by page, as iotlb_show)."""
+        shown = self.request("domain.show", name=name)
+        while (start := shown.pop("next", None)) is not None:
+            more = self.request("domain.show", name=name, **{"from": start})
+            shown["map"] += more["map"]
+            shown["next"] = more["next"]
+        return shown
+
     def close(self) -> None:
         self._sock.close()
 
@@ -140,26 +164,16 @@ class Client:
         self.close()
 
 
-class RemoteSession:
-    """A session the daemon holds for this client: memory, IOTLB commits, the device's calls."""
-
-    def __init__(self, client: Client, info: dict[str, Any]):
-        self.client, self.info = client, info
-        self.number: int = info["session"]
-        self.device = SessionDevice(self)
-        self.closed = False
+class _HoldsMemory:
+    """Memory handed to the daemon, held by a session or a domain (`request` names which)."""
 
     def request(self, op: str, fds: Sequence[int] = (), **args: Any) -> tuple[dict[str, Any], wire.ReceivedFds]:
-        return self.client.call(op, {"session": self.number, **args}, fds)
+        raise NotImplementedError
 
     def _plain(self, op: str, **args: Any) -> dict[str, Any]:
         result, passed = self.request(op, **args)
         passed.close()
         return result
-
-    @property
-    def iova_range(self) -> IovaRange:
-        return IovaRange(self.info["iova_range"]["first"], self.info["iova_range"]["last"])
 
     # -- memory ------------------------------------------------------------------------------
     def register(self, region: MemoryRegion, name: str | None = None) -> str:
@@ -182,7 +196,6 @@ class RemoteSession:
     def release(self, name: str) -> None:
         self._plain("memory.release", name=name)
 
-    # -- the IOTLB ---------------------------------------------------------------------------
     @staticmethod
     def map(iova: int, memory: MemoryRegion | str, offset: int, size: int, perm: Access = Access.RW) -> dict[str, Any]:
         name = memory if isinstance(memory, str) else memory.name
@@ -192,6 +205,24 @@ class RemoteSession:
     def unmap(iova: int, size: int) -> dict[str, Any]:
         return {"op": "unmap", "iova": iova, "size": size}
 
+
+class RemoteSession(_HoldsMemory):
+    """A session the daemon holds for this client: memory, IOTLB commits, the device's calls."""
+
+    def __init__(self, client: Client, info: dict[str, Any]):
+        self.client, self.info = client, info
+        self.number: int = info["session"]
+        self.device = SessionDevice(self)
+        self.closed = False
+
+    def request(self, op: str, fds: Sequence[int] = (), **args: Any) -> tuple[dict[str, Any], wire.ReceivedFds]:
+        return self.client.call(op, {"session": self.number, **args}, fds)
+
+    @property
+    def iova_range(self) -> IovaRange:
+        return IovaRange(self.info["iova_range"]["first"], self.info["iova_range"]["last"])
+
+    # -- the IOTLB ---------------------------------------------------------------------------
     def commit(self, ops: Sequence[dict[str, Any]], asid: int = 0, *, allow_window: bool = False) -> dict[str, Any]:
         """One transaction: every op, or nothing (the plan that was sent)."""
         return self._plain("iotlb.commit", asid=asid, ops=list(ops), allow_window=allow_window)
@@ -240,6 +271,41 @@ class RemoteSession:
             self._plain("session.close")
 
     def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteDomain(_HoldsMemory):
+    """A vIOMMU domain this client created: its memory, its map, the sessions that translate through it."""
+
+    def __init__(self, client: Client, name: str):
+        self.client, self.name = client, name
+        self.closed = False
+
+    def request(self, op: str, fds: Sequence[int] = (), **args: Any) -> tuple[dict[str, Any], wire.ReceivedFds]:
+        return self.client.call(op, {"domain" if op.startswith("memory.") else "name": self.name, **args}, fds)
+
+    def commit(self, ops: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One transaction on the domain, pushed to every attached device before it returns."""
+        return self._plain("domain.commit", ops=list(ops))
+
+    def attach(self, session: RemoteSession, asid: int = 0) -> None:
+        self._plain("domain.attach", session=session.number, asid=asid)
+
+    def detach(self, session: RemoteSession) -> None:
+        self._plain("domain.detach", session=session.number)
+
+    def show(self) -> dict[str, Any]:
+        return self.client.domain_show(self.name)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._plain("domain.close")
+
+    def __enter__(self) -> RemoteDomain:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -45,7 +45,10 @@ from vdpad.service.config import DEFAULT_CONFIG, Config, ConfigError, load
 from vdpad.service.migration import DeviceState
 from vdpad.service.reconcile import reconcile
 from vdpad.service.protocol import MAX_MESSAGE, VERSION, ProtocolError, Unauthorized, error_kind, error_reply
-from vdpad.service.sessions import PERMS, Counters, MapOp, Peer, Session, plan_record, vm_pinned
+from vdpad.service.domains import Domain
+from vdpad.service.memory import MemoryHolder
+from vdpad.service.net_session import NET_DEVICE, NetSession
+from vdpad.service.sessions import PERMS, Counters, MapOp, Peer, Session, page_of, mapping_record, plan_record, vm_pinned
 from vdpad.service.wire import ReceivedFds
 
 log = structlog.get_logger("vdpad.service")
@@ -138,6 +141,7 @@ class Args:
 class Connection:
     peer: Peer
     sessions: set[int] = field(default_factory=set)
+    domains: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -164,7 +168,8 @@ class Daemon:
     def __init__(self, config: Config, client_gid: int | None = None):
         self.config = config
         self.started = time.time()
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, Session | NetSession] = {}
+        self.domains: dict[str, Domain] = {}
         self.connections: set[int] = set()
         self.totals = Totals()
         self.closed = Counters()  # what sessions that have closed did: the daemon's counters never go down
@@ -212,7 +217,15 @@ class Daemon:
         allowed = f"root or members of group {group!r}" if group else "root only (no client group configured)"
         raise Unauthorized(errno.EACCES, f"{peer} may not use vdpad: {allowed}")
 
-    def owned(self, conn: Connection, number: int) -> Session:
+    def owned(self, conn: Connection, number: int, op: str | None = None) -> Session:
+        """Session `number` of `conn`: a vhost-vdpa one when `op` needs one (see owned_any)."""
+        session = self.owned_any(conn, number)
+        if op is not None and not isinstance(session, Session):
+            raise ProtocolError(f"{op}: session {number} is a {session.device} session; {op} needs a vhost-vdpa "
+                                "one (a vhost core device translates through its domain)")
+        return session
+
+    def owned_any(self, conn: Connection, number: int) -> Session | NetSession:
         session = self.sessions.get(number)
         if session is None:
             raise NotFound(errno.ENOENT, f"no session {number}")
@@ -221,8 +234,17 @@ class Daemon:
                                             "a client acts only on sessions it opened")
         return session
 
+    def owned_domain(self, conn: Connection, name: str) -> Domain:
+        domain = self.domains.get(name)
+        if domain is None:
+            raise NotFound(errno.ENOENT, f"no domain {name!r} (domains: {', '.join(sorted(self.domains)) or 'none'})")
+        if name not in conn.domains:
+            raise Unauthorized(errno.EPERM, f"domain {name} belongs to another client ({domain.owner}); "
+                                            "a client acts only on domains it created")
+        return domain
+
     def session_of_device(self, device: str) -> Session | None:
-        return next((s for s in self.sessions.values() if s.device == device), None)
+        return next((s for s in self.sessions.values() if isinstance(s, Session) and s.device == device), None)
 
     async def close_session(self, conn: Connection, number: int) -> None:
         """Close a session of `conn`; what fails to close is logged (Session.close lets go of the rest)."""
@@ -230,12 +252,32 @@ class Daemon:
         conn.sessions.discard(number)
         for name, value in vars(session.counters).items():  # booked now: a status meanwhile counts them once
             setattr(self.closed, name, getattr(self.closed, name) + value)
+        domains = list(self.domains.values())
+
+        def close() -> list[MemoryRegion]:
+            for domain in domains:  # the device lets go of the domain's memory as its fd closes
+                try:
+                    domain.forget(session)
+                except Exception:  # noqa: BLE001 - a bug; the session still closes
+                    log.exception("domain.forget_failed", session=number, domain=domain.name)
+            return session.close()
+
         with trio.CancelScope(shield=True):
             try:
-                self.unreleased += await session.iotlb.in_lane(session.close)
+                self.unreleased += await session.in_lane(close)
             except Exception:  # noqa: BLE001 - a bug; the daemon and every other session go on
                 log.exception("session.close_failed", session=number, device=session.device)
         self.status_changed()
+
+    async def close_domain(self, conn: Connection, name: str) -> None:
+        """Detach everything from a domain of `conn` and close its memory (what stays mapped is kept open)."""
+        domain = self.domains.pop(name)
+        conn.domains.discard(name)
+        with trio.CancelScope(shield=True):
+            try:
+                self.unreleased += await domain.close()
+            except Exception:  # noqa: BLE001 - a bug; the daemon and every other domain go on
+                log.exception("domain.close_failed", domain=name)
 
     def status_line(self) -> str:
         return f"{len(self.sessions)} session(s), {len(self.connections)} client(s)"
@@ -278,6 +320,8 @@ class Daemon:
             if conn is not None:
                 for number in sorted(conn.sessions):
                     await self.close_session(conn, number)
+                for name in sorted(conn.domains):  # after the sessions: no device maps their memory now
+                    await self.close_domain(conn, name)
                 self.connections.discard(id(conn))
                 self.status_changed()
                 log.debug("client.gone", pid=conn.peer.pid)
@@ -391,11 +435,13 @@ async def _status(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
     done = {name: value + sum(getattr(s.counters, name) for s in sessions)  # one step with the sessions' list
             for name, value in vars(daemon.closed).items() if name != "errors"}  # errors: the daemon's own
     # Off the loop: reading a map waits for the engine's lock, which a commit that pins pages holds long.
-    mapped, pinned = await trio.to_thread.run_sync(lambda: (sum(s.mapped_bytes() for s in sessions), vm_pinned()))
+    mapped, pinned = await trio.to_thread.run_sync(
+        lambda: (sum(s.mapped_bytes() for s in sessions if isinstance(s, Session)), vm_pinned()))
     counters = {**done, "bytes_mapped": mapped, "bytes_pinned": pinned, **vars(daemon.totals)}
     return {"version": SERVER_VERSION, "protocol": VERSION, "pid": os.getpid(),
             "uptime": round(time.time() - daemon.started, 3), "devices": devices, "devices_unknown": unknown,
-            "sessions": len(sessions), "clients": len(daemon.connections), "counters": counters,
+            "sessions": len(sessions), "domains": len(daemon.domains), "clients": len(daemon.connections),
+            "counters": counters,
             "reconciled": daemon.reconciled}
 
 
@@ -471,6 +517,8 @@ async def _detach(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
 @op("session.open")
 async def _open(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     device, persist = args.text("device"), args.flag("persist", True)
+    if device == NET_DEVICE:
+        return await _open_net(daemon, conn, args)
     args.done()
     if device.startswith("/"):
         device = await trio.to_thread.run_sync(device_of_node, device)
@@ -491,6 +539,19 @@ async def _open(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     return await session.in_lane(session.info)
 
 
+async def _open_net(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    """A vhost-net device of its own, backed by the tap the client passed (`tap`)."""
+    tap = args.fd("tap")
+    args.done()
+    number = next(daemon._numbers)
+    session = await trio.to_thread.run_sync(lambda: NetSession.open(number, conn.peer, tap))
+    daemon.sessions[number] = session
+    conn.sessions.add(number)
+    daemon.totals.sessions_opened += 1
+    daemon.status_changed()
+    return session.info()
+
+
 @op("session.list")
 async def _list(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     args.done()
@@ -502,50 +563,62 @@ async def _list(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
 async def _close(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     number = args.uint("session")
     args.done()
-    daemon.owned(conn, number)
+    daemon.owned_any(conn, number)
     await daemon.close_session(conn, number)
     return {}
 
 
 @op("session.reset")
 async def _reset(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    session = daemon.owned(conn, args.uint("session"), args.op)
     args.done()
     await session.in_lane(session.reset)
     return {"persistent": session.iotlb.persistent}
 
 
+def _memory_holder(daemon: Daemon, conn: Connection, args: Args) -> tuple[MemoryHolder, Callable[[Callable[[], Any]], Awaitable[Any]]]:
+    """What a memory op names, `session` or `domain`, and how its work runs: a session's in its lane, a domain's
+    in a worker thread."""
+    domain = args.text("domain", None)
+    if domain is None:
+        session = daemon.owned(conn, args.uint("session"), args.op)
+        return session, session.in_lane
+    if args.uint("session", None) is not None:
+        raise ProtocolError(f"{args.op}: memory belongs to a session or to a domain, not both")
+    return daemon.owned_domain(conn, domain), trio.to_thread.run_sync
+
+
 @op("memory.register")
 async def _register(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    holder, run = _memory_holder(daemon, conn, args)
     name, fd = args.text("name"), args.fd("fd")
     offset, size = args.uint("offset", 0), args.uint("size")
     args.done()
-    region = await session.in_lane(lambda: session.register(name, fd, offset, size))
+    region = await run(lambda: holder.register(name, fd, offset, size))
     return {"name": region.name, "size": region.size}
 
 
 @op("memory.alloc")
 async def _alloc(daemon: Daemon, conn: Connection, args: Args) -> tuple[dict[str, Any], list[int]]:
-    session = daemon.owned(conn, args.uint("session"))
+    holder, run = _memory_holder(daemon, conn, args)
     name, size = args.text("name"), args.uint("size")
     args.done()
-    region = await session.in_lane(lambda: session.allocate(name, size))
+    region = await run(lambda: holder.allocate(name, size))
     return {"name": region.name, "size": region.size, "fd": 0}, [region.fd]
 
 
 @op("memory.release")
 async def _release(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    holder, run = _memory_holder(daemon, conn, args)
     name = args.text("name")
     args.done()
-    await session.in_lane(lambda: session.release(name))
+    await run(lambda: holder.release(name))
     return {}
 
 
 @op("iotlb.commit")
 async def _commit(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    session = daemon.owned(conn, args.uint("session"), args.op)
     asid, allow_window = args.uint("asid", 0), args.flag("allow_window", False)
     ops = [_map_op(index, raw) for index, raw in enumerate(args.items("ops"))]
     args.done()
@@ -555,20 +628,20 @@ async def _commit(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any
     return plan_record(plan)
 
 
-def _map_op(index: int, raw: Any) -> MapOp:
-    where = f"ops[{index}]"
-    entry = Args(f"iotlb.commit {where}", raw, ReceivedFds())
+def _map_op(index: int, raw: Any, op: str = "iotlb.commit") -> MapOp:
+    where = f"{op} ops[{index}]"
+    entry = Args(where, raw, ReceivedFds())
     kind = entry.text("op")
     if kind == "map":
         perm_name = entry.text("perm", "rw")
         if perm_name not in PERMS:
-            raise ProtocolError(f"iotlb.commit {where}: perm {perm_name!r} is not one of {', '.join(PERMS)}")
+            raise ProtocolError(f"{where}: perm {perm_name!r} is not one of {', '.join(PERMS)}")
         made = MapOp("map", entry.uint("iova"), entry.uint("size"), entry.text("memory"), entry.uint("offset", 0),
                      PERMS[perm_name])
     elif kind == "unmap":
         made = MapOp("unmap", entry.uint("iova"), entry.uint("size"))
     else:
-        raise ProtocolError(f"iotlb.commit {where}: op {kind!r} is not map or unmap")
+        raise ProtocolError(f"{where}: op {kind!r} is not map or unmap")
     entry.done()
     return made
 
@@ -581,7 +654,7 @@ async def _show(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     if not 0 < limit <= SHOW_PAGE_MAX:
         raise ProtocolError(f"iotlb.show: limit {limit} is not between 1 and {SHOW_PAGE_MAX}")
     session = daemon.session_of_device(device) or next(
-        (s for s in daemon.sessions.values() if s.dev.path == device), None)
+        (s for s in daemon.sessions.values() if isinstance(s, Session) and s.dev.path == device), None)
     if session is None:
         raise NotFound(errno.ENOENT, f"no session holds device {device}: its IOTLB is not the daemon's")
     if asid is not None and asid >= session.iotlb.as_num:
@@ -600,7 +673,7 @@ async def _show(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
 
 @op("group.set_asid")
 async def _group(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    session = daemon.owned(conn, args.uint("session"), args.op)
     group, asid = args.uint("group"), args.uint("asid")
     args.done()
     await session.in_lane(lambda: session.iotlb.set_group_asid(group, asid))
@@ -611,7 +684,7 @@ def _device_op(name: str) -> Handler:
     spec = DEVICE_CALLS[name]
 
     async def call(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-        session = daemon.owned(conn, args.uint("session"))
+        session = daemon.owned_any(conn, args.uint("session"))
         values: dict[str, Any] = {}
         for arg in spec.args:
             if arg in BOOL_ARGS:
@@ -641,7 +714,7 @@ for _name in DEVICE_CALLS:
 # -- migration (docs/migration.md): save a running device's state, load it on a reset one
 @op("session.save")
 async def _save(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    session = daemon.owned(conn, args.uint("session"), args.op)
     args.done()
     state = await session.in_lane(lambda: switchover.save(session))
     return {"state": state.to_json()}
@@ -649,7 +722,7 @@ async def _save(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
 
 @op("session.load")
 async def _load(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
-    session = daemon.owned(conn, args.uint("session"))
+    session = daemon.owned(conn, args.uint("session"), args.op)
     state = DeviceState.from_json(args.document("state"), session.device)
     args.done()
     await session.in_lane(lambda: switchover.load(session, state))
@@ -660,7 +733,7 @@ async def _load(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
 async def _migrate(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     """Save `session`, load the state on session `to` (both this client's, on this daemon): one request
     inside the downtime instead of two; if the load fails, the source is resumed here, before the reply."""
-    source, destination = daemon.owned(conn, args.uint("session")), daemon.owned(conn, args.uint("to"))
+    source, destination = daemon.owned(conn, args.uint("session"), args.op), daemon.owned(conn, args.uint("to"), args.op)
     args.done()
     if source is destination:
         raise ProtocolError("session.migrate: `to` is the session itself (a restart in place is save, reset, load)")
@@ -676,6 +749,76 @@ async def _migrate(daemon: Daemon, conn: Connection, args: Args) -> dict[str, An
             error.add_note(f"the source {source.device} was resumed and carries on")
         raise
     return {"state": state.to_json()}
+
+
+# -- vIOMMU domains (vdpad.service.domains)
+@op("domain.create")
+async def _domain_create(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    name = args.text("name")
+    args.done()
+    if name in daemon.domains:
+        raise Busy(errno.EEXIST, f"domain {name!r} exists already (of {daemon.domains[name].owner})")
+    daemon.domains[name] = Domain(name, conn.peer)
+    conn.domains.add(name)
+    return {"domain": name}
+
+
+@op("domain.close")
+async def _domain_close(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    name = args.text("name")
+    args.done()
+    daemon.owned_domain(conn, name)
+    await daemon.close_domain(conn, name)
+    return {}
+
+
+@op("domain.list")
+async def _domain_list(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    args.done()
+    return {"domains": [domain.describe() for domain in list(daemon.domains.values())]}
+
+
+@op("domain.show")
+async def _domain_show(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    """A domain's entries from `from`, a page at a time (as iotlb.show), with what describes it."""
+    name, start, limit = args.text("name"), args.uint("from", 0), args.uint("limit", SHOW_PAGE)
+    args.done()
+    if not 0 < limit <= SHOW_PAGE_MAX:
+        raise ProtocolError(f"domain.show: limit {limit} is not between 1 and {SHOW_PAGE_MAX}")
+    domain = daemon.domains.get(name)
+    if domain is None:
+        raise NotFound(errno.ENOENT, f"no domain {name!r} (domains: {', '.join(sorted(daemon.domains)) or 'none'})")
+    (entries,), cut = page_of((domain.map.tree,), start, limit)
+    return {**domain.describe(), "map": [mapping_record(m) for m in entries], "next": cut}
+
+
+@op("domain.commit")
+async def _domain_commit(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    domain = daemon.owned_domain(conn, args.text("name"))
+    ops = [_map_op(index, raw, args.op) for index, raw in enumerate(args.items("ops"))]
+    args.done()
+    return await domain.commit(ops)
+
+
+@op("domain.attach")
+async def _domain_attach(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    domain = daemon.owned_domain(conn, args.text("name"))
+    session, asid = daemon.owned_any(conn, args.uint("session")), args.uint("asid", 0)
+    args.done()
+    if isinstance(session, NetSession) and asid:
+        raise ProtocolError(f"domain.attach: a {session.device} session has one address space, not asid {asid}")
+    await domain.attach(session, asid)
+    daemon.status_changed()
+    return {}
+
+
+@op("domain.detach")
+async def _domain_detach(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
+    domain = daemon.owned_domain(conn, args.text("name"))
+    session = daemon.owned_any(conn, args.uint("session"))
+    args.done()
+    await domain.detach(session)
+    return {}
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -35,6 +35,7 @@ from vdpad.mgmt.errors import NotFound
 from vdpad.mgmt.netlink import VdpaNetlink
 from vdpad.mgmt.parent import MapKind, map_kind_of_mgmtdev, pins_pages_of_mgmtdev
 from vdpad.service.calls import DEVICE_CALLS
+from vdpad.service.memory import MemoryHolder
 from vdpad.service.migration import DriverSettings
 
 log = structlog.get_logger("vdpad.service")
@@ -65,6 +66,8 @@ class Counters:
     iotlb_messages: int = 0
     resets: int = 0
     errors: int = 0
+    misses_served: int = 0  # device-IOTLB misses answered (vhost core sessions)
+    misses_unanswered: int = 0  # ...and those the domain could not answer (unmapped, or denied)
 
 
 @dataclass(frozen=True)
@@ -130,8 +133,35 @@ class PinBudget:
 PIN_BUDGET = PinBudget()  # one per process: RLIMIT_MEMLOCK and VmPin are the process's
 
 
+class BindsEventfds:
+    """Binds the eventfds a client passes (a duplicate each, owned by the session from then on)."""
+
+    number: int
+    dev: Any
+    eventfds: dict[str, EventFd]
+
+    def _bind_eventfd(self, name: str, args: dict[str, Any]) -> None:
+        """Bind the passed eventfd (a duplicate the session owns from now on), or unbind with None."""
+        index = args.get("index")
+        key = _EVENTFD_ROLES[name] + ("" if index is None else f" {index}")
+        fd = args["fd"]
+        adopted = EventFd.adopt(fd, f"{key} of session {self.number}") if fd is not None else None
+        try:
+            method = getattr(self.dev, name)
+            method(*(() if index is None else (index,)), None if adopted is None else adopted.fileno())
+        except BaseException:
+            if adopted is not None:
+                adopted.close()
+            raise
+        old = self.eventfds.pop(key, None)
+        if adopted is not None:
+            self.eventfds[key] = adopted
+        if old is not None:
+            old.close()  # the kernel holds its own reference to what is bound now
+
+
 @dataclass
-class Session:
+class Session(MemoryHolder, BindsEventfds):
     number: int
     owner: Peer
     device: str
@@ -144,6 +174,7 @@ class Session:
     opened: float = field(default_factory=time.time)
     # What the client set that vhost cannot read back, for a migration's save (vdpad.service.switchover).
     driver_settings: DriverSettings = field(default_factory=DriverSettings)
+    domains: dict[int, str] = field(default_factory=dict)  # address space -> the domain it follows
 
     # -- life cycle (run in a worker thread) -------------------------------------------------
     @classmethod
@@ -228,36 +259,14 @@ class Session:
     def _log(self, **fields: Any) -> Any:
         return log.bind(session=self.number, device=self.device, **fields)
 
-    # -- memory ------------------------------------------------------------------------------
-    def _check_new_name(self, name: str) -> None:
-        if not name or len(name) > 64 or not name.isprintable():
-            raise InvalidArgument("memory", self.device, f"memory name {name!r} must be 1-64 printable characters")
-        if name in self.regions:
-            raise InvalidArgument("memory", self.device, f"session {self.number} has memory {name!r} already")
+    # -- memory (MemoryHolder) ---------------------------------------------------------------
+    @property
+    def holder(self) -> str:
+        return f"session {self.number}"
 
-    def register(self, name: str, fd: int, offset: int, size: int) -> MemoryRegion:
-        self._check_new_name(name)
-        region = MemoryRegion.from_fd(fd, offset, size, name=name)
-        self.regions[name] = region
-        return region
-
-    def allocate(self, name: str, size: int) -> MemoryRegion:
-        self._check_new_name(name)
-        region = self.regions[name] = MemoryRegion(size, name)
-        return region
-
-    def release(self, name: str) -> None:
-        region = self.region(name)
-        region.close()  # RegionInUse while mapped: the region stays
-        del self.regions[name]
-
-    def region(self, name: str) -> MemoryRegion:
-        try:
-            return self.regions[name]
-        except KeyError:
-            known = ", ".join(sorted(self.regions)) or "none"
-            raise InvalidArgument("memory", self.device,
-                                  f"session {self.number} has no memory {name!r} (registered: {known})") from None
+    @property
+    def holder_device(self) -> str:
+        return self.device
 
     # -- the IOTLB ---------------------------------------------------------------------------
     def stage(self, asid: int, ops: Iterable[MapOp], allow_window: bool = False) -> tuple[Transaction, int]:
@@ -278,7 +287,14 @@ class Session:
         return tx, added
 
     def commit(self, asid: int, ops: Iterable[MapOp], allow_window: bool) -> Plan:
+        if asid in self.domains:
+            raise InvalidArgument("iotlb.commit", self.device, f"AS {asid} follows domain {self.domains[asid]}: "
+                                  "change the domain (domain.commit), or detach the session from it first")
         tx, added = self.stage(asid, ops, allow_window)
+        return self.commit_staged(tx, added)
+
+    def commit_staged(self, tx: Transaction, added: int) -> Plan:
+        """Commit a staged transaction that maps `added` bytes, within the daemon's pin budget."""
         try:
             with PIN_BUDGET.promise(self.device, added) if self.pins_pages and added else nullcontext():
                 plan = tx.commit()
@@ -315,25 +331,6 @@ class Session:
         if name == "set_config":
             return self.dev.set_config(args["offset"], args["data"])
         return getattr(self.dev, name)(*(args[a] for a in spec.args))
-
-    def _bind_eventfd(self, name: str, args: dict[str, Any]) -> None:
-        """Bind the passed eventfd (a duplicate the session owns from now on), or unbind with None."""
-        index = args.get("index")
-        key = _EVENTFD_ROLES[name] + ("" if index is None else f" {index}")
-        fd = args["fd"]
-        adopted = EventFd.adopt(fd, f"{key} of session {self.number}") if fd is not None else None
-        try:
-            method = getattr(self.dev, name)
-            method(*(() if index is None else (index,)), None if adopted is None else adopted.fileno())
-        except BaseException:
-            if adopted is not None:
-                adopted.close()
-            raise
-        old = self.eventfds.pop(key, None)
-        if adopted is not None:
-            self.eventfds[key] = adopted
-        if old is not None:
-            old.close()  # the kernel holds its own reference to what is bound now
 
     # -- what is visible -----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
