@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.host.test_iotlb_plan import REGION_PAGES, REGIONS, maps, pieces_of
 from vdpad.iotlb import PAGE_SIZE, AddressMap, Mapping, Perm
+from vdpad.iotlb import plan as plan_module
 from vdpad.iotlb import tree as tree_module
 from vdpad.iotlb.plan import plan
 from vdpad.iotlb.space import OverlapError
@@ -179,12 +181,14 @@ def test_address_map_maps_and_unmaps_like_a_page_model(ops, data):
 
 # -- planning only around what a transaction touched ------------------------------------------
 
+@pytest.mark.parametrize("bulk_change", [0, 1 << 30], ids=["rebuilt", "path-copied"])
 @settings(max_examples=400, deadline=None)
 @given(st.data())
-def test_planning_near_the_touched_ranges_gives_the_full_plan(data):
+def test_planning_near_the_touched_ranges_gives_the_full_plan(bulk_change, data):
     """Kernel units that translate as the map a transaction started from, cut anywhere: the plan
-    over the touched ranges only is the plan of the whole comparison."""
-    with small_nodes():
+    over the touched ranges only is the plan of the whole comparison (the kernel's entries after it
+    built anew for many changes, or changed in place for a few)."""
+    with small_nodes(), mock.patch.object(plan_module, "BULK_CHANGE", bulk_change):
         base = data.draw(maps(span=SPAN))
         units = MappingTree.of(data.draw(pieces_of(base)))
         target, touched = base, []

@@ -406,7 +406,8 @@ class DeviceIotlb:
             self._track(region)
         with self._lock:
             space = self._spaces[tx.asid]
-            target = tx._replay_onto(space.view)  # other commits may have landed since tx began
+            # Other commits may have landed since tx began: its operations then apply to the map they left.
+            target = tx.pending if space.view is tx.base else tx._replay_onto(space.view)
             # In step, every entry outside the touched ranges is held by a kernel unit, and a region the
             # kernel maps refuses to close: only the touched entries can point into a closed one.
             touched = tx.touched if space.in_step else None
@@ -625,7 +626,7 @@ class Transaction:
         self.regions: set[Memory] = set()  # the memory its maps point into
         # Lock-free: the map is immutable and the attribute read atomic, so opening a
         # transaction on a trio thread never waits for a commit pinning pages elsewhere.
-        self._pending = iotlb._spaces[asid].view
+        self.base = self._pending = iotlb._spaces[asid].view
         self._state = "open"
         self.sent: Plan | None = None
 

@@ -118,6 +118,10 @@ def transition(units: Iterable[Mapping], wanted: Iterable[Mapping]) -> Plan:
     return Plan(invalidations(units, keep), tuple(u for u in wanted if u not in keep), MappingTree(wanted))
 
 
+# Changes to a kernel map beyond which one rebuild beats a path copy per change (besides a quarter of the map).
+BULK_CHANGE = 64
+
+
 def plan(units: Iterable[Mapping], target: AddressMap,
          touched: Iterable[tuple[int, int]] | None = None) -> Plan:
     """The minimal change from kernel entries `units` to a kernel translating as `target`.
@@ -207,12 +211,21 @@ def _plan_near(units: MappingTree, target: AddressMap, touched: Iterable[tuple[i
                 index += 1
             if cursor < stop:
                 update.append(entry.piece(cursor, stop))
+    return Plan(invalidate, tuple(update), _changed(units, removed, update))
+
+
+def _changed(units: MappingTree, removed: list[Mapping], added: list[Mapping]) -> MappingTree:
+    """`units` without `removed`, with `added`: path copies for a few changes, one O(n) build for many."""
+    if 4 * (len(removed) + len(added)) > len(units) + BULK_CHANGE:
+        gone = set(map(id, removed))
+        # Two sorted runs: sorted() merges them in linear time.
+        return MappingTree(sorted((*(u for u in units if id(u) not in gone), *added), key=attrgetter("iova")))
     after = units
     for unit in removed:
         after = after.removed(unit)
-    for unit in update:
+    for unit in added:
         after = after.inserted(unit)
-    return Plan(invalidate, tuple(update), after)
+    return after
 
 
 def unmapped_meanwhile(units: Iterable[Mapping], work: Plan, target: AddressMap) -> tuple[tuple[int, int], ...]:
