@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import struct
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
 from tests.sim import debug_logging
+from tests.tap import tap_device
 from vdpad.device import (
     Access, BackendFeature, GuestRegion, InvalidArgument, IotlbBatch, IotlbMessage, MessageType,
     NetFeature, NotSupportedError, VhostError, VhostNet, VirtioFeature, VringAddr, VringEndian,
@@ -23,22 +21,14 @@ from vdpad.iotlb import PAGE_SIZE, MemoryRegion
 pytestmark = pytest.mark.kernel
 
 RING = 256
-TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 IOVA = 0x40000000  # where the device-IOTLB tests put the rings
 
 
 @pytest.fixture
 def tap() -> Iterator[int]:
-    """A tap device's fd, made the way QEMU makes one (TUNSETIFF on /dev/net/tun)."""
-    subprocess.run(["modprobe", "tun"], check=True)
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        request = struct.pack("16sH22x", f"vdpadtap{os.getpid() % 1000}".encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        fcntl.ioctl(fd, TUNSETIFF, request)
-        yield fd
-    finally:
-        os.close(fd)
+    """A tap device's fd, made the way QEMU makes one."""
+    with tap_device(f"vdpadtap{os.getpid() % 1000}") as made:
+        yield made.fd
 
 
 @pytest.fixture

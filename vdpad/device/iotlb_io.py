@@ -14,7 +14,7 @@ from vdpad._uapi import ffi, lib
 from vdpad.device.errors import InvalidArgument, IotlbWriteError, VhostError
 from vdpad.device.features import Features
 from vdpad.device.flags import BackendFeature
-from vdpad.device.iotlb_msg import Access, CodecError, IotlbBatch, IotlbMessage, MessageType, Version
+from vdpad.device.iotlb_msg import CodecError, IotlbBatch, IotlbMessage, MessageType, Version
 
 _READ_SIZE = max(Version.V1.size, Version.V2.size)
 
@@ -145,31 +145,39 @@ class IotlbReader(Features):
 
 
 class IotlbChannel:
-    """Raw IOTLB traffic on a held fd, lean enough for a miss service's hot path: messages packed and read
-    through the uapi layout (no objects per message), traced only when debug events go somewhere."""
+    """Raw IOTLB traffic on a held fd, lean enough for a miss service's hot path: messages read and packed
+    through the uapi layout as plain ints (no objects, no enum arithmetic per message), traced only when
+    debug events go somewhere."""
+
+    MISS, UPDATE, INVALIDATE = int(MessageType.MISS), int(MessageType.UPDATE), int(MessageType.INVALIDATE)
 
     def __init__(self, fd: int, version: Version, path: str, trace):
         self.fd, self.version, self.path, self._trace = fd, version, path, trace
-        self._layout = version.layout
-        self._v2 = version is Version.V2
+        self._size = version.size
+        unpack, pack, word = version.layout.unpack, version.layout.pack, int(version)
+        if version is Version.V2:
+            self._fields = lambda data: unpack(data)[2:]
+            self._pack = lambda *fields: pack(word, 0, *fields)
+        else:
+            self._fields = lambda data: unpack(data)[1:]
+            self._pack = lambda *fields: pack(word, *fields)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
-    def read(self) -> tuple[MessageType, int, int, Access] | None:
-        """The next message the kernel sent as (type, iova, size, perm), None when none is waiting."""
+    def read(self) -> tuple[int, int, int, int] | None:
+        """The next message the kernel sent as ints (type, iova, size, perm), None when none is waiting."""
         try:
             # SAFETY: the kernel hands out one whole message per read(); non-blocking, EAGAIN when none waits.
-            data = os.read(self.fd, self._layout.size)
+            data = os.read(self.fd, self._size)
         except BlockingIOError:
             return None
         except OSError as error:
             raise VhostError(error.errno, "IOTLB read", self.path) from None
-        if len(data) != self._layout.size:
+        if len(data) != self._size:
             raise CodecError(f"{self.path} sent {len(data)} bytes, not a {self.version.name} message")
-        fields = self._layout.unpack(data)
-        iova, size, _uaddr, perm, kind = fields[2:] if self._v2 else fields[1:]
+        iova, size, _uaddr, perm, kind = self._fields(data)
         if self._trace is not None:
             self._trace.debug("iotlb.read", type=MessageType(kind).name, iova=iova, size=size, perm=perm)
-        return MessageType(kind), iova, size, Access(perm)
+        return kind, iova, size, perm
 
     def wait(self, stop_fd: int) -> bool:
         """Sleep until a message waits (True) or `stop_fd` is readable (False)."""
@@ -178,19 +186,19 @@ class IotlbChannel:
         poller.register(stop_fd, select.POLLIN)
         return all(fd != stop_fd for fd, _ in poller.poll())
 
-    def update(self, iova: int, size: int, uaddr: int, perm: Access) -> None:
-        self._write(MessageType.UPDATE, iova, size, uaddr, perm)
+    def update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
+        self._write(self.UPDATE, iova, size, uaddr, perm)
 
     def invalidate(self, iova: int, size: int) -> None:
-        self._write(MessageType.INVALIDATE, iova, size, 0, 0)
+        self._write(self.INVALIDATE, iova, size, 0, 0)
 
-    def _write(self, kind: MessageType, iova: int, size: int, uaddr: int, perm: int) -> None:
-        head = (self.version, 0) if self._v2 else (self.version,)
+    def _write(self, kind: int, iova: int, size: int, uaddr: int, perm: int) -> None:
         try:
             # SAFETY: one whole message per write(); the kernel copies it.
-            os.write(self.fd, self._layout.pack(*head, iova, size, uaddr, perm, kind))
+            os.write(self.fd, self._pack(iova, size, uaddr, perm, kind))
         except OSError as error:
-            raise IotlbWriteError(error.errno, f"IOTLB {kind.name}", self.path,
-                                  {"iova": iova, "size": size, "uaddr": uaddr, "perm": int(perm)}) from None
+            raise IotlbWriteError(error.errno, f"IOTLB {MessageType(kind).name}", self.path,
+                                  {"iova": iova, "size": size, "uaddr": uaddr, "perm": perm}) from None
         if self._trace is not None:
-            self._trace.debug("iotlb.write", type=kind.name, iova=iova, size=size, uaddr=uaddr, perm=int(perm))
+            self._trace.debug("iotlb.write", type=MessageType(kind).name, iova=iova, size=size, uaddr=uaddr,
+                              perm=perm)

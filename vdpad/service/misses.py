@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,12 +29,13 @@ from typing import Protocol
 import structlog
 
 from vdpad.device.iotlb_io import IotlbChannel
-from vdpad.device.iotlb_msg import Access, MessageType
+from vdpad.device.iotlb_msg import Access
 from vdpad.device.net import VhostNet
 from vdpad.iotlb.space import AddressMap, Mapping
 
 log = structlog.get_logger("vdpad.service")
 
+SERVICE_WINDOW = 1 << 16  # answers whose service times the percentiles are taken over
 HELD_SHOWN = 1024  # translations a session's description lists
 LOG_BURST, LOG_INTERVAL = 10, 1.0  # unanswered misses logged per device: a burst, then one summary per second
 
@@ -84,13 +86,22 @@ class RateLimitedLog:
         self._log.warning(event, **fields)
 
 
-def answer_for(mapping: Mapping | None, perm: Access) -> str | None:
-    """Why `mapping` cannot answer a miss for `perm` (unmapped, denied), or None when it can."""
+def answer_for(mapping: Mapping | None, perm: int) -> str | None:
+    """Why `mapping` cannot answer a miss for access `perm` (unmapped, denied), or None when it can."""
     if mapping is None:
         return "unmapped"
-    if perm & ~mapping.perm:
+    if perm & ~mapping.perm._value_:  # on ints: Flag arithmetic costs more than the rest of an answer
         return "denied"
     return None
+
+
+def service_percentiles(times_ns: list[int]) -> dict[str, float | int] | None:
+    """p50, p99 and max of service times, in µs, and how many they are over (None for none)."""
+    if not times_ns:
+        return None
+    ordered = sorted(times_ns)
+    at = lambda share: ordered[min(len(ordered) - 1, len(ordered) * share // 100)] / 1000  # noqa: E731
+    return {"p50": at(50), "p99": at(99), "max": ordered[-1] / 1000, "count": len(ordered)}
 
 
 class MissServer:
@@ -99,12 +110,12 @@ class MissServer:
     def __init__(self, dev: VhostNet, domain: Translations, *, label: str):
         self.dev, self.domain, self.label = dev, domain, label
         self.counters = MissCounters()
-        self.pending: dict[tuple[int, Access], Unanswered] = {}
+        self.pending: dict[tuple[int, int], Unanswered] = {}  # (iova, access) -> why it waits
         # What the device may hold now: the mappings sent (iova -> end), until an INVALIDATE covers them.
         self.held: dict[int, int] = {}
         self.lock = threading.Lock()
-        # Service times (ns, MISS read to UPDATE written) when a list is set: the benchmark's probe.
-        self.timings: list[int] | None = None
+        # Service times of the latest answers (ns, MISS read to UPDATE written): told as percentiles.
+        self.service_ns: deque[int] = deque(maxlen=SERVICE_WINDOW)
         self._log = log.bind(device=dev.path, session=label)
         self._limited = RateLimitedLog(self._log)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -148,10 +159,10 @@ class MissServer:
                         continue
                     started = time.perf_counter_ns()
                     kind, iova, _size, perm = message
-                    if kind is MessageType.MISS:
+                    if kind == channel.MISS:
                         self._answer(channel, iova, perm, started)
                     else:  # vhost sends nothing else today
-                        self._log.warning("iotlb.unexpected", type=kind.name, iova=iova)
+                        self._log.warning("iotlb.unexpected", type=kind, iova=iova)
         except BaseException as error:  # noqa: BLE001 - told to start(), or logged: the session sees it stopped
             self._failure = error
             if self._ready.is_set():
@@ -160,20 +171,19 @@ class MissServer:
         finally:
             self._channel = None
 
-    def _answer(self, channel: IotlbChannel, iova: int, perm: Access, started: int) -> None:
+    def _answer(self, channel: IotlbChannel, iova: int, perm: int, started: int) -> None:
         with self.lock:
             mapping = self.domain.map.lookup(iova)
             why = answer_for(mapping, perm)
             if why is None:
-                channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm)
+                channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
                 self.held[mapping.iova] = mapping.end
                 self.counters.served += 1
-                if self.timings is not None:
-                    self.timings.append(time.perf_counter_ns() - started)
+                self.service_ns.append(time.perf_counter_ns() - started)
                 return
             setattr(self.counters, why, getattr(self.counters, why) + 1)
-            self.pending[(iova, perm)] = Unanswered(iova, perm, why)
-        self._limited.warning("iotlb.miss_unanswered", iova=iova, perm=perm.name, reason=why,
+            self.pending[(iova, perm)] = Unanswered(iova, Access(perm), why)
+        self._limited.warning("iotlb.miss_unanswered", iova=iova, perm=Access(perm).name, reason=why,
                               mapped=None if mapping is None else repr(mapping))
 
     # -- called by the domain, from its commit (a worker thread) ---------------------------------
@@ -204,7 +214,7 @@ class MissServer:
             for key, miss in list(self.pending.items()):
                 mapping = self.domain.map.lookup(miss.iova)
                 if answer_for(mapping, miss.perm) is None:
-                    channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm)
+                    channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
                     self.held[mapping.iova] = mapping.end
                     del self.pending[key]
                     self.counters.late += 1
@@ -220,7 +230,7 @@ class MissServer:
             if why is not None:
                 raise LookupError(f"IOVA {iova:#x} ({perm.name}) is {why} in the domain"
                                   + ("" if mapping is None else f": {mapping!r}"))
-            self._live().update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm)
+            self._live().update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
             self.held[mapping.iova] = mapping.end
             self.counters.prefetched += 1
 
@@ -235,4 +245,4 @@ class MissServer:
                                                    for m in list(self.pending.values())[:16]],
                 "pending_count": len(self.pending), "running": self.running,
                 "held": [[iova, end - iova] for iova, end in sorted(self.held.items())[:HELD_SHOWN]],
-                "held_count": len(self.held)}
+                "held_count": len(self.held), "service_us": service_percentiles(list(self.service_ns))}

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("vdpad.service")
 
 VHOST_NET_NODE = "/dev/vhost-net"
+_FORWARDED = frozenset({"set_vring_num", "set_vring_base", "get_vring_base"})  # as vhost-net takes them
+_EVENTFDS = frozenset({"set_vring_kick", "set_vring_call"})
 NET_DEVICE = "vhost-net"  # what session.open names it; each open is a device of its own
 
 
@@ -166,15 +168,16 @@ class NetSession(BindsEventfds):
 
     # -- the device calls a virtio driver makes ------------------------------------------------
     def call(self, name: str, args: dict[str, Any]) -> Any:
+        """A DEVICE_CALLS entry, as a virtio driver makes it: kept here, forwarded to vhost-net, or refused."""
         spec = DEVICE_CALLS[name]
-        handler = getattr(self, f"_{name}", None)
-        if handler is not None:
-            return handler(**args)
-        if name in ("set_vring_num", "set_vring_base", "get_vring_base"):
+        if name in _FORWARDED:
             return getattr(self.dev, name)(*(args[a] for a in spec.args))
-        if "fd" in spec.args:
+        if name in _EVENTFDS:
             return self._bind_eventfd(name, args)
-        raise NotSupportedError(name.upper(), self.device, errno=errno.EOPNOTSUPP)
+        handler = getattr(self, f"_{name}", None)
+        if handler is None:  # no config space, no suspend: not in vhost-net
+            raise NotSupportedError(name.upper(), self.device, errno=errno.EOPNOTSUPP)
+        return handler(**args)
 
     def _get_device_id(self) -> int:
         return VirtioDeviceId.NET

@@ -345,6 +345,7 @@ class Session(MemoryHolder, BindsEventfds):
             "mapped": self.mapped_bytes(),
             "eventfds": sorted(self.eventfds),
             "counters": vars(self.counters),
+            "domains": {str(asid): name for asid, name in self.domains.items()},
         }
 
     def mapped_bytes(self) -> int:
