@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim import sim_mode, vdpa_device
+from tests.sim import frames, sim_mode, vdpa_device
 from tests.systemd.conftest import VDPAD, WATCHDOG_SEC, run, show, wait_for
+from tests.tap import tap_device
+from tests.viommu import net_rig
 from vdpad.client import Client
 from vdpad.device import VhostVdpa
 from vdpad.iotlb import MemoryRegion
@@ -159,3 +161,14 @@ def test_the_unit_reads_the_default_configuration_and_reload_reads_it_again(vdpa
         run("systemctl", "stop", "vdpad.service")
         for name in ("sdconf0", "sdconf1"):
             run(VDPAD, "detach", name, "--direct", check=False)
+
+
+def test_a_vhost_net_session_is_served_by_misses_under_the_hardened_unit(vdpad):
+    """/dev/vhost-net (DeviceAllow), a passed tap and the miss service's thread under the system call filter."""
+    with Client() as client, tap_device("sdtap0") as tap, net_rig(client, tap, "sd") as rig:
+        sent = frames(4, seed=21)
+        rig.driver.send(sent)
+        assert tap.receive(4) == sent
+        misses = rig.misses()
+        assert misses["served"] >= 1 and misses["running"] and misses["unmapped"] == 0
+        assert status()["counters"]["misses_served"] >= misses["served"]
