@@ -16,7 +16,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.service import running_daemon
-from tests.sim import frames, iova_far_from_us
+from tests.sim import frames, iova_far_from_us, sim_mode, vdpa_device
 from tests.tap import Tap, tap_device
 from tests.viommu import HALF, PAGES, net_rig, page_by_page, wait_for
 from vdpad.client import RemoteDomain, RemoteError
@@ -252,3 +252,30 @@ def test_a_client_dying_with_domains_attached_leaves_nothing_behind(daemon):
         child.wait()
         child.stdout.close()
     assert daemon.settled_fds(fds_before) == fds_before
+
+
+def test_a_commit_one_device_refuses_is_undone_on_the_devices_that_took_it(sim_modules):
+    """PA mode, each device pinning what it maps: the first device takes the commit, the daemon's memlock budget
+    refuses it on the second; the first is brought back, and the domain, both maps and the pins are as before."""
+    size = 1 << 20
+    names = [f"dpin{os.getpid() % 1000}x{n}" for n in range(2)]
+    with sim_mode(use_va=False), running_daemon(memlock=3 * size // 2) as daemon, ExitStack() as stack:
+        for name in names:
+            stack.enter_context(vdpa_device(name, "vdpasim_net"))
+        ram = stack.enter_context(MemoryRegion(size, "ram"))
+        client = stack.enter_context(daemon.client())
+        domain = stack.enter_context(client.create_domain("pinned"))
+        domain.register(ram)
+        sessions = [stack.enter_context(client.open_session(name)) for name in names]
+        iova = iova_far_from_us(sessions[0].iova_range, size)
+        for session in sessions:
+            domain.attach(session)
+        domain.commit([domain.map(iova, ram, 0, PAGE_SIZE)])
+        before = [client.iotlb_show(name)["spaces"][0] for name in names]
+        pinned = daemon.status("VmPin")
+        assert pinned == 2 * PAGE_SIZE
+        with pytest.raises(InvalidArgument, match="RLIMIT_MEMLOCK"):
+            domain.commit([domain.map(iova + PAGE_SIZE, ram, PAGE_SIZE, size - PAGE_SIZE)])
+        assert [client.iotlb_show(name)["spaces"][0] for name in names] == before
+        assert [(e["iova"], e["size"]) for e in domain.show()["map"]] == [(iova, PAGE_SIZE)]
+        assert daemon.status("VmPin") == pinned

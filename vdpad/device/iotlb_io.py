@@ -157,10 +157,25 @@ class IotlbChannel:
         unpack, pack, word = version.layout.unpack, version.layout.pack, int(version)
         if version is Version.V2:
             self._fields = lambda data: unpack(data)[2:]
-            self._pack = lambda *fields: pack(word, 0, *fields)
+            head: tuple[int, ...] = (word, 0)
         else:
             self._fields = lambda data: unpack(data)[1:]
-            self._pack = lambda *fields: pack(word, *fields)
+            head = (word,)
+
+        def write(kind: int, iova: int, size: int, uaddr: int, perm: int) -> None:
+            try:
+                # SAFETY: one whole message per write(); the kernel copies it.
+                os.write(fd, pack(*head, iova, size, uaddr, perm, kind))
+            except OSError as error:
+                raise IotlbWriteError(error.errno, f"IOTLB {MessageType(kind).name}", path,
+                                      {"iova": iova, "size": size, "uaddr": uaddr, "perm": perm}) from None
+            if trace is not None:
+                trace.debug("iotlb.write", type=MessageType(kind).name, iova=iova, size=size, uaddr=uaddr, perm=perm)
+
+        update_type = self.UPDATE
+        # Bound once: each answer to a miss is one call deep (a method and a helper would be three).
+        self.update = lambda iova, size, uaddr, perm: write(update_type, iova, size, uaddr, perm)
+        self._write = write
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
     def read(self) -> tuple[int, int, int, int] | None:
@@ -186,19 +201,5 @@ class IotlbChannel:
         poller.register(stop_fd, select.POLLIN)
         return all(fd != stop_fd for fd, _ in poller.poll())
 
-    def update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
-        self._write(self.UPDATE, iova, size, uaddr, perm)
-
     def invalidate(self, iova: int, size: int) -> None:
         self._write(self.INVALIDATE, iova, size, 0, 0)
-
-    def _write(self, kind: int, iova: int, size: int, uaddr: int, perm: int) -> None:
-        try:
-            # SAFETY: one whole message per write(); the kernel copies it.
-            os.write(self.fd, self._pack(iova, size, uaddr, perm, kind))
-        except OSError as error:
-            raise IotlbWriteError(error.errno, f"IOTLB {MessageType(kind).name}", self.path,
-                                  {"iova": iova, "size": size, "uaddr": uaddr, "perm": perm}) from None
-        if self._trace is not None:
-            self._trace.debug("iotlb.write", type=MessageType(kind).name, iova=iova, size=size, uaddr=uaddr,
-                              perm=perm)

@@ -153,7 +153,7 @@ class Domain(MemoryHolder):
                 if len(view):
                     raise self._refuse("domain.attach", f"AS {asid} of session {session.number} ({session.device}) "
                                                         f"maps {len(view)} entries of its own: unmap them first")
-                _follow(session, asid, self.map)
+                _follow(session, asid, self.map, pins=True)
                 session.domains[asid] = self.name
 
             await session.in_lane(follow)
@@ -227,8 +227,10 @@ class Domain(MemoryHolder):
                 "misses": misses}
 
 
-def _follow(session: Session, asid: int, target: AddressMap) -> None:
-    """Make the session's address space translate exactly as `target` (one transaction, the minimal diff)."""
+def _follow(session: Session, asid: int, target: AddressMap, *, pins: bool = False) -> None:
+    """Make the session's address space translate exactly as `target` (one transaction, the minimal diff).
+    `pins`: it maps what the device did not map before (an attach), held against the memlock budget; a
+    rollback or a detach only gives back."""
     tx = session.iotlb.transaction(asid)
     try:
         for entry in session.iotlb.space(asid):
@@ -238,4 +240,4 @@ def _follow(session: Session, asid: int, target: AddressMap) -> None:
     except BaseException:
         tx.abort()
         raise
-    session.commit_staged(tx, target.mapped_bytes)
+    session.commit_staged(tx, target.mapped_bytes if pins else 0)

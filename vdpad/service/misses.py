@@ -177,9 +177,9 @@ class MissServer:
             why = answer_for(mapping, perm)
             if why is None:
                 channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
-                self.held[mapping.iova] = mapping.end
+                self.service_ns.append(time.perf_counter_ns() - started)  # read to written, as the C loop times
+                self.held[mapping.iova] = mapping.iova + mapping.size
                 self.counters.served += 1
-                self.service_ns.append(time.perf_counter_ns() - started)
                 return
             setattr(self.counters, why, getattr(self.counters, why) + 1)
             self.pending[(iova, perm)] = Unanswered(iova, Access(perm), why)
