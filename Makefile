@@ -11,7 +11,7 @@ PYTEST_VM_ARGS ?=
 REPORTS := $(CURDIR)/.vm/reports
 
 .PHONY: all install test host-test vm-test vm-boot-test systemd-test vm-prepare demo bench bench-restart bench-host \
-	bench-messages bench-service bench-migration bench-deps clean
+	bench-messages bench-misses bench-service bench-migration bench-deps clean
 
 all: install
 
@@ -60,7 +60,7 @@ demo: vm-prepare
 	$(HARNESS) run -- env VDPAD=$(VENV)/bin/vdpad PYTHON=$(PY) sh tests/vm/guest/demo.sh
 
 # Every benchmark; each writes its figures and plot under docs/bench/ (docs/bench/README.md).
-bench: bench-restart bench-messages bench-service bench-migration bench-host
+bench: bench-restart bench-messages bench-misses bench-service bench-migration bench-host
 
 bench-deps: install
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
@@ -110,6 +110,16 @@ bench-messages: vm-prepare bench-deps
 	$(HARNESS) run --collect $(CURDIR)/docs/bench -- \
 	  $(PY) -m tests.bench.messages --baseline build/baseline $(BENCH_ARGS)
 	$(PY) -m tests.bench.plot_messages docs/bench/messages.json docs/bench/messages.png
+
+# How fast a device-IOTLB miss is answered (tests/bench/misses.py) in the VM:
+# the daemon (a vhost-net session on a domain) and its MissServer in-process
+# against a C loop compiled there with cffi, on vhost-net with a tap;
+# docs/bench/misses.json and misses.png.
+MISSES_BENCH_ARGS ?=
+bench-misses: vm-prepare bench-deps
+	$(HARNESS) run --collect $(CURDIR)/docs/bench -- \
+	  $(PY) -m tests.bench.misses $(MISSES_BENCH_ARGS)
+	$(PY) -m tests.bench.plot_misses docs/bench/misses.json docs/bench/misses.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info vdpad/_uapi.*
