@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Iterator
 
@@ -189,3 +190,35 @@ def test_device_iotlb_miss(vhost_net_node, memory, tap, eventfds, acked):
     assert [(e["version"], e["type"], e["iova"]) for e in events if e["event"] == "iotlb.read"] == [
         (framing, "MISS", rx.desc), (framing, "MISS", rx.avail)]
     assert {e["version"] for e in events if e["event"] == "iotlb.write"} == {framing}
+
+
+@pytest.mark.parametrize("acked", [BackendFeature(0), BackendFeature.IOTLB_MSG_V2], ids=["v1", "v2"])
+def test_an_iotlb_channel_reads_misses_and_answers_them(vhost_net_node, memory, tap, eventfds, acked):
+    """The lean path a miss service takes: plain ints in, plain ints out, the fd non-blocking only meanwhile."""
+    with VhostNet(vhost_net_node) as net:
+        net.set_owner()
+        net.set_backend_features(acked)
+        net.set_features(VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM)
+        net.set_mem_table([])
+        rx = rings(IOVA, RX)
+        net.set_vring_num(RX, RING)
+        net.set_vring_addr(RX, rx)
+        net.set_vring_base(RX, 0)
+        net.set_vring_kick(RX, eventfds[0])
+        net.set_vring_call(RX, eventfds[1])
+        flags = fcntl.fcntl(net.fileno(), fcntl.F_GETFL)
+        with net.iotlb_channel() as channel:
+            assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            assert channel.read() is None  # nothing waits: no blocking
+            channel.update(rx.used - rx.used % PAGE_SIZE, PAGE_SIZE, memory.address + 2 * PAGE_SIZE, int(Access.RW))
+            net.set_backend(RX, tap)  # the used ring is translated: attaching writes it
+            os.write(eventfds[0], (1).to_bytes(8, "little"))
+            for expected in (rx.desc, rx.avail):
+                assert channel.wait(eventfds[5])  # a message, not the stop fd
+                kind, iova, _size, perm = channel.read()
+                assert (kind, iova, perm) == (channel.MISS, expected, int(Access.RO))
+                page = expected - expected % PAGE_SIZE
+                channel.update(page, PAGE_SIZE, memory.address + (page - IOVA), int(Access.RO))
+            channel.invalidate(IOVA, 16 * PAGE_SIZE)
+            net.set_backend(RX, None)
+        assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) == flags  # the shared file's flags are given back

@@ -74,7 +74,13 @@ def test_an_unmap_invalidates_before_the_reply_and_the_next_access_misses_again(
         first = frames(4, seed=3)
         rig.driver.send(first)
         assert tap.receive(4) == first
+        held = {iova for iova, _ in rig.misses()["held"]}
+        # One page the device holds taken away and given back: that translation goes, the others stay.
+        cut = max(held)
+        page = (cut - rig.iova) // PAGE_SIZE
+        rig.domain.commit([rig.domain.unmap(cut, PAGE_SIZE), *page_by_page(rig.domain, rig.iova, page, 1)])
         before = rig.misses()
+        assert {iova for iova, _ in before["held"]} == held - {cut} and len(held) > 1
         assert before["held_count"] > 0
         # Unmapped and mapped back at once: the map is the same, but the device must ask again.
         reply = rig.domain.commit([rig.domain.unmap(rig.iova, HALF), *page_by_page(rig.domain, rig.iova, 0, HALF // PAGE_SIZE)])
@@ -146,6 +152,32 @@ def test_a_vdpa_device_on_the_same_domain_carries_frames(client, tap, vdpa_net):
         rig.domain.detach(vdpa)
         assert client.iotlb_show(vdpa_net.name)["spaces"][0]["map"] == []
         assert vdpa.commit([])["messages"] == 0  # its own again: its commits are taken
+
+
+def test_a_reset_drops_what_waited_and_the_driver_starts_again_on_the_same_domain(client, tap):
+    with net_rig(client, tap, "reset") as rig:
+        rig.domain.commit([rig.domain.unmap(rig.iova, HALF)])
+        rig.driver.send(frames(1, seed=9))
+        wait_for("an unmapped miss", lambda: rig.misses()["pending_count"] >= 1)
+        rig.net.device.set_status(0)  # RESET_OWNER: the queues, the IOTLB and what waited go
+        after = rig.misses()
+        assert after["pending_count"] == after["held_count"] == 0 and after["running"]
+        rig.domain.commit(page_by_page(rig.domain, rig.iova, 0, HALF // PAGE_SIZE))
+        rig.driver.start()
+        sent = frames(4, seed=10)
+        rig.driver.send(sent)
+        assert tap.receive(4) == sent
+        assert rig.misses()["prefetched"] == after["prefetched"] + 2
+
+
+def test_an_empty_domain_takes_the_parents_initial_map_away(client, vdpa_net):
+    with client.create_domain("empty") as domain, client.open_session(vdpa_net.name) as vdpa:
+        assert client.iotlb_show(vdpa_net.name)["spaces"][0]["initial"]  # vdpa_sim's 1:1 passthrough
+        domain.attach(vdpa)
+        space = client.iotlb_show(vdpa_net.name)["spaces"][0]
+        assert not space["initial"] and space["map"] == space["kernel"] == [] and space["in_sync"]
+        with pytest.raises(InvalidArgument, match="has AS 0 attached to domain empty already"):
+            domain.attach(vdpa, asid=1)
 
 
 def test_refusals_name_what_was_wrong_and_change_nothing(daemon, client, tap, vdpa_net):

@@ -141,7 +141,11 @@ class IotlbReader(Features):
         """A channel for one thread that serves the device's misses: the fd is held open (and non-blocking
         for reads) until the block ends, so close() from another thread waits for it."""
         with self._owned.use() as fd:
-            yield IotlbChannel(fd, self.iotlb_version, self.path, self._log if self._debugging() else None)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            try:
+                yield IotlbChannel(fd, self.iotlb_version, self.path, self._log if self._debugging() else None)
+            finally:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the file is shared with the fd's other users
 
 
 class IotlbChannel:

@@ -300,6 +300,16 @@ class DeviceIotlb:
             self._empty_device_map(asid, space)
         space.in_step = True
 
+    def forget_initial_map(self, asid: int) -> None:
+        """Make an address space nothing was sent to translate nothing, rather than as its parent started it
+        (vdpa_sim's 1:1 passthrough). A space something was sent to already translates only as its map says."""
+        self._check_asid("IOTLB forget initial map", asid)
+        with self._lock:
+            space = self._spaces[asid]
+            if space.initial and not space.view:
+                self._empty_device_map(asid, space)
+                space.in_step = True
+
     def _empty_device_map(self, asid: int, space: _Space) -> None:
         """Take the parent's initial map (vdpa_sim's 1:1) away from an address space the user emptied.
 

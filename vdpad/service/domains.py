@@ -112,29 +112,64 @@ class Domain(MemoryHolder):
         async with self.lock:
             target, revoked = await trio.to_thread.run_sync(self.stage, ops)
             staged = []
-            for session, asid in self.spaces.values():
-                tx, added = await session.in_lane(lambda s=session, a=asid: self._device_transaction(s, a, ops))
-                staged.append((session, asid, tx, added))
+            try:
+                for session, asid in self.spaces.values():
+                    staged.append((session, asid, *await session.in_lane(
+                        lambda s=session, a=asid: self._device_transaction(s, a, ops))))
+            except BaseException:
+                for _, _, tx, _ in staged:
+                    tx.abort()
+                raise
             sent: dict[int, int] = {}
             try:
                 for session, asid, tx, added in staged:
-                    sent[session.number] = len(await session.in_lane(lambda s=session, t=tx, n=added: s.commit_staged(t, n)))
-            except BaseException:
-                for session, asid, tx, _ in staged:
-                    if session.number in sent:
-                        await session.in_lane(lambda s=session, a=asid: _follow(s, a, self.map))
-                    elif tx.state == "open":
-                        tx.abort()
+                    plan = await session.in_lane(lambda s=session, t=tx, n=added: s.commit_staged(t, n))
+                    sent[session.number] = len(plan)
+            except BaseException as error:
+                await self._undo(staged, sent, error)
                 raise
             self.map = target
-            for net in self.net.values():
-                await net.in_lane(lambda n=net: n.revoke(revoked))
+            invalidated, failed = 0, {}
+            for net in list(self.net.values()):
+                try:
+                    invalidated += await net.in_lane(lambda n=net: n.revoke(revoked))
+                except Exception as error:  # noqa: BLE001 - every device is told; what it may hold keeps its memory
+                    failed[net.number] = str(error)
+                    self._log.error("domain.invalidate_failed", session=net.number, error=str(error))
             self.commits += 1
             self._log.debug("domain.commit", ops=len(ops), entries=len(target), revoked=len(revoked),
                             devices=len(self.spaces) + len(self.net))
-            return {"entries": len(target), "invalidated": len(revoked) * len(self.net), "sent": sent}
+            # A device that refused its INVALIDATE is named: its memory stays open while it may hold some.
+            return {"entries": len(target), "invalidated": invalidated, "sent": sent, "invalidate_failed": failed}
+
+    async def _undo(self, staged: list, sent: dict[int, int], error: BaseException) -> None:
+        """Bring back to the domain's map every device that took the commit; abort the others."""
+        for session, asid, tx, _ in staged:
+            if session.number not in sent:
+                if tx.state == "open":
+                    tx.abort()
+                continue
+            try:
+                await session.in_lane(lambda s=session, a=asid: _follow(s, a, self.map))
+            except Exception as undo:  # noqa: BLE001 - every device is tried; the first error is the one raised
+                error.add_note(f"bringing session {session.number} ({session.device}) back failed too: {undo}")
+            else:
+                error.add_note(f"session {session.number} ({session.device}) took the commit and was brought back")
 
     # -- attaching -------------------------------------------------------------------------------
+    def register(self, name: str, fd: int, offset: int, size: int) -> MemoryRegion:
+        return self._guarded(super().register(name, fd, offset, size))
+
+    def allocate(self, name: str, size: int) -> MemoryRegion:
+        return self._guarded(super().allocate(name, size))
+
+    def _guarded(self, region: MemoryRegion) -> MemoryRegion:
+        """A new region refuses to close while a vhost core device may hold a translation into it."""
+        for net in list(self.net.values()):
+            if net.misses is not None:
+                region.add_mapper(net.misses)
+        return region
+
     async def attach(self, session: Session | NetSession, asid: int) -> None:
         async with self.lock:
             if isinstance(session, NetSession):
@@ -144,9 +179,10 @@ class Domain(MemoryHolder):
                 await session.in_lane(lambda: session.serve(self))
                 self.net[session.number] = session
                 return
-            if asid in session.domains:
-                raise self._refuse("domain.attach", f"AS {asid} of session {session.number} follows domain "
-                                                    f"{session.domains[asid]} already")
+            if session.domains:
+                (followed, name), = session.domains.items()
+                raise self._refuse("domain.attach", f"session {session.number} has AS {followed} attached to "
+                                                    f"domain {name} already (one address space per session)")
 
             def follow() -> None:
                 view = session.iotlb.space(asid)  # checks the asid
@@ -154,6 +190,8 @@ class Domain(MemoryHolder):
                     raise self._refuse("domain.attach", f"AS {asid} of session {session.number} ({session.device}) "
                                                         f"maps {len(view)} entries of its own: unmap them first")
                 _follow(session, asid, self.map, pins=True)
+                if not self.map:  # nothing was sent: the parent's initial map (vdpa_sim's 1:1) would stay
+                    session.iotlb.forget_initial_map(asid)
                 session.domains[asid] = self.name
 
             await session.in_lane(follow)
@@ -161,21 +199,23 @@ class Domain(MemoryHolder):
 
     async def detach(self, session: Session | NetSession) -> None:
         """The session stops translating through the domain: a vhost-vdpa address space is emptied, a vhost
-        core device forgets its translations."""
+        core device forgets its translations. It stays attached if that fails."""
         async with self.lock:
-            if self.net.pop(session.number, None) is not None:
+            if session.number in self.net:
                 await session.in_lane(session.unserve)
+                del self.net[session.number]
                 return
-            found = self.spaces.pop(session.number, None)
+            found = self.spaces.get(session.number)
             if found is None:
                 raise self._refuse("domain.detach", f"session {session.number} is not attached to it")
             asid = found[1]
 
             def leave() -> None:
-                session.domains.pop(asid, None)
                 _follow(session, asid, AddressMap())
+                session.domains.pop(asid, None)
 
             await session.in_lane(leave)
+            del self.spaces[session.number]
 
     def forget(self, session: Session | NetSession) -> None:
         """A session that closes: its device lets go of everything as its fd closes (called in its lane)."""
@@ -191,6 +231,11 @@ class Domain(MemoryHolder):
                 await self.detach(session)
             except Exception:  # noqa: BLE001 - a device that refuses to unmap keeps the memory open, below
                 self._log.exception("domain.detach_failed", session=session.number)
+        unreleased = await trio.to_thread.run_sync(self._close_memory)  # munmap of large regions: off the loop
+        self._log.info("domain.closed")
+        return unreleased
+
+    def _close_memory(self) -> list[MemoryRegion]:
         unreleased = []
         for region in self.regions.values():
             try:
@@ -199,7 +244,6 @@ class Domain(MemoryHolder):
                 self._log.error("domain.release_failed", memory=region.name, error=str(error))
                 unreleased.append(region)
         self.regions.clear()
-        self._log.info("domain.closed")
         return unreleased
 
     def release(self, name: str) -> None:

@@ -18,6 +18,7 @@ INVALIDATE that revokes it.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
@@ -28,10 +29,12 @@ from typing import Protocol
 
 import structlog
 
+from vdpad.device.core import U64
+from vdpad.device.errors import IotlbWriteError
 from vdpad.device.iotlb_io import IotlbChannel
-from vdpad.device.iotlb_msg import Access
+from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType
 from vdpad.device.net import VhostNet
-from vdpad.iotlb.space import AddressMap, Mapping
+from vdpad.iotlb.space import AddressMap, Mapping, describe_range
 
 log = structlog.get_logger("vdpad.service")
 
@@ -54,6 +57,7 @@ class MissCounters:
     denied: int = 0  # MISSes for an access the covering mapping does not allow
     late: int = 0  # unanswered MISSes answered later, when the domain came to map them
     prefetched: int = 0  # UPDATEs written before the device asked (its used rings, at start)
+    refused: int = 0  # answers the kernel refused (its IOTLB gone meanwhile: a reset); the device asks again
     invalidated: int = 0  # INVALIDATEs written
 
 
@@ -105,56 +109,75 @@ def service_percentiles(times_ns: list[int]) -> dict[str, float | int] | None:
 
 
 class MissServer:
-    """Serves the misses of one vhost core device from `domain` in a thread of its own, until stop()."""
+    """Serves the misses of one vhost core device from `domain` in a thread of its own, until retire().
+
+    It is a mapper of the domain's memory (MemoryRegion.add_mapper): a region refuses to close while the
+    device may hold a translation into it (`held`), whatever happens to the thread.
+    """
 
     def __init__(self, dev: VhostNet, domain: Translations, *, label: str):
         self.dev, self.domain, self.label = dev, domain, label
         self.counters = MissCounters()
         self.pending: dict[tuple[int, int], Unanswered] = {}  # (iova, access) -> why it waits
-        # What the device may hold now: the mappings sent (iova -> end), until an INVALIDATE covers them.
-        self.held: dict[int, int] = {}
-        self.lock = threading.Lock()
+        # What the device may hold now: each mapping sent, by IOVA, until an INVALIDATE covers it.
+        self.held: dict[int, Mapping] = {}
+        # Orders answers against invalidations, resets and a closing region's question (holding()).
+        self.lock = threading.RLock()
+        self.serving = False  # false once retired: a MISS read after that gets no answer
         # Service times of the latest answers (ns, MISS read to UPDATE written): told as percentiles.
         self.service_ns: deque[int] = deque(maxlen=SERVICE_WINDOW)
         self._log = log.bind(device=dev.path, session=label)
         self._limited = RateLimitedLog(self._log)
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._channel: IotlbChannel | None = None
-        self._ready = threading.Event()
+        self._stop: tuple[int, int] | None = None  # the pipe whose write end wakes the thread to stop
+        self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name=f"vdpad-misses {label}", daemon=True)
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._failure is not None:
-            raise self._failure
+        """Start serving: the thread holds the fd from now until retire()."""
+        ready = threading.Event()
+        self._stop = os.pipe2(os.O_CLOEXEC)
+        self.serving = True
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name=f"vdpad-misses {self.label}",
+                                        daemon=True)
+        try:
+            self._thread.start()
+            ready.wait()
+            if self._failure is not None:
+                raise self._failure
+        except BaseException:
+            self.retire(invalidate=False)
+            raise
 
-    def stop(self) -> None:
-        """Wake the thread and wait for it; the fd's hold ends with it. Once only."""
-        if self._stop_w < 0:
-            return
-        os.write(self._stop_w, b"x")
-        if self._thread.is_alive():
-            self._thread.join()
-        os.close(self._stop_w)
-        os.close(self._stop_r)
-        self._stop_w = self._stop_r = -1
+    def retire(self, *, invalidate: bool) -> None:
+        """Stop answering, then (`invalidate`) make the device forget every translation, then end the
+        thread. Once only. Without `invalidate` the caller knows the device holds none (its fd closes)."""
+        with self.lock:
+            if not self.serving:
+                return
+            self.serving = False  # the thread answers nothing from here on
+            if invalidate:
+                self._invalidate([(0, U64)])
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            os.write(stop[1], b"x")
+            if self._thread is not None and self._thread.is_alive():
+                self._thread.join()
+            for fd in stop:
+                os.close(fd)
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
-    def _serve(self) -> None:
+    def _serve(self, ready: threading.Event) -> None:
         try:
             with self.dev.iotlb_channel() as channel:
-                self._channel = channel
-                self._ready.set()
+                ready.set()
                 while True:
                     message = channel.read()
                     if message is None:
-                        if not channel.wait(self._stop_r):
+                        if not channel.wait(self._stop[0]):
                             return
                         continue
                     started = time.perf_counter_ns()
@@ -165,20 +188,25 @@ class MissServer:
                         self._log.warning("iotlb.unexpected", type=kind, iova=iova)
         except BaseException as error:  # noqa: BLE001 - told to start(), or logged: the session sees it stopped
             self._failure = error
-            if self._ready.is_set():
+            if ready.is_set():
                 self._log.error("misses.stopped", error=repr(error))
-            self._ready.set()
-        finally:
-            self._channel = None
+            ready.set()
 
     def _answer(self, channel: IotlbChannel, iova: int, perm: int, started: int) -> None:
         with self.lock:
+            if not self.serving:
+                return
             mapping = self.domain.map.lookup(iova)
             why = answer_for(mapping, perm)
             if why is None:
-                channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
+                try:
+                    channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
+                except IotlbWriteError as error:  # e.g. a reset dropped the device's IOTLB: it asks again
+                    self.counters.refused += 1
+                    self._limited.warning("iotlb.update_refused", iova=iova, error=str(error))
+                    return
                 self.service_ns.append(time.perf_counter_ns() - started)  # read to written, as the C loop times
-                self.held[mapping.iova] = mapping.iova + mapping.size
+                self.held[mapping.iova] = mapping
                 self.counters.served += 1
                 return
             setattr(self.counters, why, getattr(self.counters, why) + 1)
@@ -186,36 +214,41 @@ class MissServer:
         self._limited.warning("iotlb.miss_unanswered", iova=iova, perm=Access(perm).name, reason=why,
                               mapped=None if mapping is None else repr(mapping))
 
-    # -- called by the domain, from its commit (a worker thread) ---------------------------------
-    def _live(self) -> IotlbChannel:
-        channel = self._channel
-        if channel is None:
-            raise RuntimeError(f"the miss service of {self.label} has stopped: {self._failure!r}")
-        return channel
+    # -- called by the domain and the session, in worker threads: written through the device --------
+    def _update(self, mapping: Mapping) -> None:
+        self.dev.write_iotlb(IotlbMessage(MessageType.UPDATE, mapping.iova, mapping.size, mapping.uaddr,
+                                          mapping.perm))
+        self.held[mapping.iova] = mapping
 
-    def invalidate(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def _invalidate(self, ranges: list[tuple[int, int]]) -> None:
+        self.dev.write_iotlb_batch(IotlbBatch(0, ranges))  # one C loop however many
+        self.counters.invalidated += len(ranges)
+        spans: list[tuple[int, int]] = []  # (start, end), sorted and merged: disjoint
+        for iova, size in sorted(ranges):
+            if spans and iova <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], iova + size))
+            else:
+                spans.append((iova, iova + size))
+        starts = [start for start, _ in spans]
+        for held in list(self.held.values()):
+            # Of disjoint spans, only the last one starting before the mapping's end can reach into it.
+            index = bisect.bisect_left(starts, held.end) - 1
+            if index >= 0 and spans[index][1] > held.iova:
+                del self.held[held.iova]
+
+    def invalidate(self, ranges: list[tuple[int, int]]) -> None:
         """INVALIDATE each (iova, size): the domain's map no longer says what the device may hold there."""
         with self.lock:
-            channel = self._live()
-            for iova, size in ranges:
-                channel.invalidate(iova, size)
-                self.counters.invalidated += 1
-                end = iova + size
-                for start in [s for s, e in self.held.items() if s < end and iova < e]:
-                    del self.held[start]
+            self._invalidate(ranges)
 
     def retry_pending(self) -> int:
         """Answer the unanswered misses the domain maps now; returns how many."""
         answered = 0
         with self.lock:
-            if not self.pending:
-                return 0
-            channel = self._live()
             for key, miss in list(self.pending.items()):
                 mapping = self.domain.map.lookup(miss.iova)
                 if answer_for(mapping, miss.perm) is None:
-                    channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
-                    self.held[mapping.iova] = mapping.end
+                    self._update(mapping)
                     del self.pending[key]
                     self.counters.late += 1
                     answered += 1
@@ -230,19 +263,29 @@ class MissServer:
             if why is not None:
                 raise LookupError(f"IOVA {iova:#x} ({perm.name}) is {why} in the domain"
                                   + ("" if mapping is None else f": {mapping!r}"))
-            self._live().update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
-            self.held[mapping.iova] = mapping.end
+            self._update(mapping)
             self.counters.prefetched += 1
 
-    def forget_pending(self) -> None:
-        """A reset: the device dropped what it waited for."""
+    def forget_all(self) -> None:
+        """The device dropped its IOTLB (a reset, new features): nothing is held, nothing waits."""
         with self.lock:
             self.pending.clear()
-            self.held.clear()  # RESET_OWNER dropped the device's IOTLB
+            self.held.clear()
+
+    # -- a mapper of the domain's memory (MemoryRegion.close asks) ----------------------------------
+    def holding(self) -> threading.RLock:
+        return self.lock
+
+    def mappings_of(self, region) -> list[str]:
+        if self.dev.released:
+            return []  # the fd is closed for real: the kernel dropped the device's IOTLB
+        with self.lock:
+            return [f"{describe_range(m.iova, m.size)} held by {self.dev.path} ({self.label})"
+                    for m in self.held.values() if m.region is region]
 
     def describe(self) -> dict[str, object]:
         return {**vars(self.counters), "pending": [{"iova": m.iova, "perm": m.perm.name, "reason": m.why}
                                                    for m in list(self.pending.values())[:16]],
                 "pending_count": len(self.pending), "running": self.running,
-                "held": [[iova, end - iova] for iova, end in sorted(self.held.items())[:HELD_SHOWN]],
+                "held": [[iova, m.size] for iova, m in sorted(self.held.items())[:HELD_SHOWN]],
                 "held_count": len(self.held), "service_us": service_percentiles(list(self.service_ns))}

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -138,33 +139,34 @@ class NetSession(BindsEventfds):
     # -- the domain (called by Domain, in a worker thread) ----------------------------------
     def serve(self, domain: Domain) -> None:
         """Answer this device's misses from `domain` from now on."""
-        self.domain = domain
-        self.misses = MissServer(self.dev, domain, label=f"session {self.number}")
-        self.misses.start()
+        misses = MissServer(self.dev, domain, label=f"session {self.number}")
+        for region in list(domain.regions.values()):
+            region.add_mapper(misses)  # a region the device may hold refuses to close
+        misses.start()
+        self.misses, self.domain = misses, domain
 
     def unserve(self, *, closing: bool = False) -> None:
         """Stop answering; the device forgets every translation it had (the next access waits). `closing`:
         the fd closes next, which drops the device's IOTLB anyway."""
-        misses, self.misses, self.domain = self.misses, None, None
+        misses = self.misses
         if misses is None:
             return
-        try:
-            # Without ACCESS_PLATFORM acked the device has no IOTLB, and holds nothing to forget.
-            if not closing and self.features & VirtioFeature.ACCESS_PLATFORM:
-                misses.invalidate([(0, U64)])
-        finally:
-            misses.stop()
-            # What it did stays in the session's counters.
-            self.own_counters.misses_served += misses.counters.served + misses.counters.late
-            self.own_counters.misses_unanswered += misses.counters.unmapped + misses.counters.denied
+        # Without ACCESS_PLATFORM acked the device has no IOTLB, and holds nothing to forget.
+        misses.retire(invalidate=not closing and bool(self.features & VirtioFeature.ACCESS_PLATFORM))
+        self.misses, self.domain = None, None
+        # What it did stays in the session's counters.
+        self.own_counters.misses_served += misses.counters.served + misses.counters.late
+        self.own_counters.misses_unanswered += misses.counters.unmapped + misses.counters.denied
 
-    def revoke(self, ranges: list[tuple[int, int]]) -> None:
-        """A domain commit landed: INVALIDATE what it took away, answer what waited and is mapped now."""
+    def revoke(self, ranges: list[tuple[int, int]]) -> int:
+        """A domain commit landed: INVALIDATE what it took away, answer what waited and is mapped now.
+        Returns how many INVALIDATEs were sent."""
         if self.misses is None or not self.features & VirtioFeature.ACCESS_PLATFORM:
-            return  # no IOTLB on the device (reset, or not negotiated yet): nothing held, nothing waits
+            return 0  # no IOTLB on the device (reset, or not negotiated yet): nothing held, nothing waits
         if ranges:
             self.misses.invalidate(ranges)
         self.misses.retry_pending()
+        return len(ranges)
 
     # -- the device calls a virtio driver makes ------------------------------------------------
     def call(self, name: str, args: dict[str, Any]) -> Any:
@@ -189,8 +191,11 @@ class NetSession(BindsEventfds):
         if not features & VirtioFeature.ACCESS_PLATFORM:
             raise InvalidArgument("SET_FEATURES", self.device, "a vhost-net session translates through its "
                                   "domain: ACCESS_PLATFORM must be acked")
-        self.dev.set_features(features)
-        self.features = features
+        with self._answers_held():
+            self.dev.set_features(features)  # ACCESS_PLATFORM: vhost makes the device a new, empty IOTLB
+            self.features = features
+            if self.misses is not None:
+                self.misses.forget_all()
 
     def _get_status(self) -> int:
         return self.status
@@ -198,9 +203,16 @@ class NetSession(BindsEventfds):
     def _set_status(self, status: int) -> None:
         if status == 0:
             return self.reset()
+        if lost := self.status & ~status:  # as vhost-vdpa refuses it: only a reset takes bits away
+            raise InvalidArgument("SET_STATUS", self.device, f"status {status:#x} drops bits {lost:#x} of "
+                                                             f"{self.status:#x}: set 0 to reset")
         if DeviceStatus.DRIVER_OK & status and not DeviceStatus.DRIVER_OK & self.status:
             self._start()
         self.status = status
+
+    def _answers_held(self) -> Any:
+        """The miss service's lock, while the device's IOTLB changes under it (no answer lands meanwhile)."""
+        return self.misses.lock if self.misses is not None else nullcontext()
 
     def _get_vqs_count(self) -> int:
         return VHOST_NET_VQS
@@ -238,11 +250,19 @@ class NetSession(BindsEventfds):
         if not self.features & VirtioFeature.ACCESS_PLATFORM:
             raise InvalidArgument("SET_STATUS", self.device, "DRIVER_OK before ACCESS_PLATFORM was acked")
         self.dev.set_mem_table([])  # vhost wants a table before a backend; the IOTLB translates
-        for index in sorted(self.enabled):
-            self._attach(index)
+        try:
+            for index in sorted(self.enabled):
+                self._attach(index)
+        except BaseException:
+            for index in sorted(self.attached):  # all queues, or none
+                self._detach(index)
+            raise
 
     def _attach(self, index: int) -> None:
         ring = self.rings.get(index)
+        if self.misses is None:
+            raise InvalidArgument("SET_VRING_ENABLE", self.device, f"queue {index}: the session translates "
+                                  "through no domain now (domain.detach): attach it to one first")
         if ring is None:
             raise InvalidArgument("SET_STATUS", self.device, f"queue {index} is enabled but has no ring address")
         try:
@@ -262,12 +282,13 @@ class NetSession(BindsEventfds):
 
     def reset(self) -> None:
         """Status 0: the queues let go of the tap, and the device of everything it was set up with."""
-        for index in sorted(self.attached):
-            self._detach(index)
-        self.dev.reset_owner()
-        self._own()
-        if self.misses is not None:
-            self.misses.forget_pending()
+        with self._answers_held():  # an answer landing between RESET_OWNER and SET_OWNER would be refused
+            for index in sorted(self.attached):
+                self._detach(index)
+            self.dev.reset_owner()
+            self._own()
+            if self.misses is not None:
+                self.misses.forget_all()
         self.status, self.features, self.rings, self.enabled = 0, 0, {}, set()
         for eventfd in self.eventfds.values():
             eventfd.close()

@@ -716,6 +716,10 @@ for _name in DEVICE_CALLS:
 async def _save(daemon: Daemon, conn: Connection, args: Args) -> dict[str, Any]:
     session = daemon.owned(conn, args.uint("session"), args.op)
     args.done()
+    if session.domains:
+        (asid, name), = session.domains.items()
+        raise ProtocolError(f"session.save: AS {asid} of session {session.number} follows domain {name}, whose "
+                            "memory a load could not name: detach it first (migrating domains is not supported)")
     state = await session.in_lane(lambda: switchover.save(session))
     return {"state": state.to_json()}
 
