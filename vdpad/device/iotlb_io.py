@@ -153,7 +153,7 @@ class IotlbChannel:
     through the uapi layout as plain ints (no objects, no enum arithmetic per message), traced only when
     debug events go somewhere."""
 
-    MISS, UPDATE, INVALIDATE = int(MessageType.MISS), int(MessageType.UPDATE), int(MessageType.INVALIDATE)
+    MISS, UPDATE = int(MessageType.MISS), int(MessageType.UPDATE)
 
     def __init__(self, fd: int, version: Version, path: str, trace):
         self.fd, self.version, self.path, self._trace = fd, version, path, trace
@@ -166,20 +166,20 @@ class IotlbChannel:
             self._fields = lambda data: unpack(data)[1:]
             head = (word,)
 
-        def write(kind: int, iova: int, size: int, uaddr: int, perm: int) -> None:
+        kind = self.UPDATE
+
+        def update(iova: int, size: int, uaddr: int, perm: int) -> None:
+            """Write one UPDATE (bound once, so an answer to a miss is one call deep)."""
             try:
                 # SAFETY: one whole message per write(); the kernel copies it.
                 os.write(fd, pack(*head, iova, size, uaddr, perm, kind))
             except OSError as error:
-                raise IotlbWriteError(error.errno, f"IOTLB {MessageType(kind).name}", path,
+                raise IotlbWriteError(error.errno, "IOTLB UPDATE", path,
                                       {"iova": iova, "size": size, "uaddr": uaddr, "perm": perm}) from None
             if trace is not None:
-                trace.debug("iotlb.write", type=MessageType(kind).name, iova=iova, size=size, uaddr=uaddr, perm=perm)
+                trace.debug("iotlb.write", type="UPDATE", iova=iova, size=size, uaddr=uaddr, perm=perm)
 
-        update_type = self.UPDATE
-        # Bound once: each answer to a miss is one call deep (a method and a helper would be three).
-        self.update = lambda iova, size, uaddr, perm: write(update_type, iova, size, uaddr, perm)
-        self._write = write
+        self.update = update
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
     def read(self) -> tuple[int, int, int, int] | None:
@@ -204,6 +204,3 @@ class IotlbChannel:
         poller.register(self.fd, select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
         return all(fd != stop_fd for fd, _ in poller.poll())
-
-    def invalidate(self, iova: int, size: int) -> None:
-        self._write(self.INVALIDATE, iova, size, 0, 0)

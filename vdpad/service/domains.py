@@ -231,6 +231,9 @@ class Domain(MemoryHolder):
                 await self.detach(session)
             except Exception:  # noqa: BLE001 - a device that refuses to unmap keeps the memory open, below
                 self._log.exception("domain.detach_failed", session=session.number)
+        # Nothing answers from the map any more (a device whose detach failed keeps what it holds, and that
+        # memory refuses to close): only then is the memory closed.
+        self.map = AddressMap()
         unreleased = await trio.to_thread.run_sync(self._close_memory)  # munmap of large regions: off the loop
         self._log.info("domain.closed")
         return unreleased

@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,7 +118,8 @@ class MissServer:
         self.dev, self.domain, self.label = dev, domain, label
         self.counters = MissCounters()
         self.pending: dict[tuple[int, int], Unanswered] = {}  # (iova, access) -> why it waits
-        # What the device may hold now: each mapping sent, by IOVA, until an INVALIDATE covers it.
+        # What the device may hold now: each mapping sent (by identity: a refused INVALIDATE can leave an old
+        # mapping beside a new one at the same IOVA), until an INVALIDATE covers it.
         self.held: dict[int, Mapping] = {}
         # Orders answers against invalidations, resets and a closing region's question (holding()).
         self.lock = threading.RLock()
@@ -138,8 +138,8 @@ class MissServer:
         ready = threading.Event()
         self._stop = os.pipe2(os.O_CLOEXEC)
         self.serving = True
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name=f"vdpad-misses {self.label}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(ready, self._stop[0]),
+                                        name=f"vdpad-misses {self.label}", daemon=True)
         try:
             self._thread.start()
             ready.wait()
@@ -150,34 +150,39 @@ class MissServer:
             raise
 
     def retire(self, *, invalidate: bool) -> None:
-        """Stop answering, then (`invalidate`) make the device forget every translation, then end the
-        thread. Once only. Without `invalidate` the caller knows the device holds none (its fd closes)."""
-        with self.lock:
-            if not self.serving:
-                return
-            self.serving = False  # the thread answers nothing from here on
-            if invalidate:
-                self._invalidate([(0, U64)])
-        stop, self._stop = self._stop, None
-        if stop is not None:
-            os.write(stop[1], b"x")
-            if self._thread is not None and self._thread.is_alive():
-                self._thread.join()
-            for fd in stop:
-                os.close(fd)
+        """Stop answering, make the device forget every translation (`invalidate`; without it the caller
+        knows the device holds none: its fd closes), and end the thread, whatever the INVALIDATE does. A
+        refused INVALIDATE is raised, and tried again by the next call."""
+        try:
+            with self.lock:
+                self.serving = False  # nothing is answered from here on
+                if invalidate:
+                    self._invalidate([(0, U64)])
+        finally:
+            self._end_thread()
+
+    def _end_thread(self) -> None:
+        if self._stop is None:
+            return
+        os.write(self._stop[1], b"x")
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join()
+        for fd in self._stop:
+            os.close(fd)
+        self._stop = None
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _serve(self, ready: threading.Event) -> None:
+    def _serve(self, ready: threading.Event, stop: int) -> None:
         try:
             with self.dev.iotlb_channel() as channel:
                 ready.set()
                 while True:
                     message = channel.read()
                     if message is None:
-                        if not channel.wait(self._stop[0]):
+                        if not channel.wait(stop):
                             return
                         continue
                     started = time.perf_counter_ns()
@@ -206,7 +211,7 @@ class MissServer:
                     self._limited.warning("iotlb.update_refused", iova=iova, error=str(error))
                     return
                 self.service_ns.append(time.perf_counter_ns() - started)  # read to written, as the C loop times
-                self.held[mapping.iova] = mapping
+                self.held[id(mapping)] = mapping
                 self.counters.served += 1
                 return
             setattr(self.counters, why, getattr(self.counters, why) + 1)
@@ -218,7 +223,7 @@ class MissServer:
     def _update(self, mapping: Mapping) -> None:
         self.dev.write_iotlb(IotlbMessage(MessageType.UPDATE, mapping.iova, mapping.size, mapping.uaddr,
                                           mapping.perm))
-        self.held[mapping.iova] = mapping
+        self.held[id(mapping)] = mapping
 
     def _invalidate(self, ranges: list[tuple[int, int]]) -> None:
         self.dev.write_iotlb_batch(IotlbBatch(0, ranges))  # one C loop however many
@@ -234,7 +239,7 @@ class MissServer:
             # Of disjoint spans, only the last one starting before the mapping's end can reach into it.
             index = bisect.bisect_left(starts, held.end) - 1
             if index >= 0 and spans[index][1] > held.iova:
-                del self.held[held.iova]
+                del self.held[id(held)]
 
     def invalidate(self, ranges: list[tuple[int, int]]) -> None:
         """INVALIDATE each (iova, size): the domain's map no longer says what the device may hold there."""
@@ -245,6 +250,8 @@ class MissServer:
         """Answer the unanswered misses the domain maps now; returns how many."""
         answered = 0
         with self.lock:
+            if not self.serving:
+                return 0
             for key, miss in list(self.pending.items()):
                 mapping = self.domain.map.lookup(miss.iova)
                 if answer_for(mapping, miss.perm) is None:
@@ -258,6 +265,8 @@ class MissServer:
         """Translate `iova` before the device asks (vhost writes its used rings while attaching a backend,
         and fails rather than waits on a miss there). Refused when the domain cannot answer it."""
         with self.lock:
+            if not self.serving:
+                raise LookupError(f"IOVA {iova:#x}: the miss service of {self.label} has retired")
             mapping = self.domain.map.lookup(iova)
             why = answer_for(mapping, perm)
             if why is not None:
@@ -287,5 +296,5 @@ class MissServer:
         return {**vars(self.counters), "pending": [{"iova": m.iova, "perm": m.perm.name, "reason": m.why}
                                                    for m in list(self.pending.values())[:16]],
                 "pending_count": len(self.pending), "running": self.running,
-                "held": [[iova, m.size] for iova, m in sorted(self.held.items())[:HELD_SHOWN]],
+                "held": sorted([m.iova, m.size] for m in self.held.values())[:HELD_SHOWN],
                 "held_count": len(self.held), "service_us": service_percentiles(list(self.service_ns))}

@@ -188,6 +188,8 @@ class NetSession(BindsEventfds):
         return self.dev.get_features()
 
     def _set_features(self, features: int) -> None:
+        if self.status & DeviceStatus.FEATURES_OK:  # as vhost-vdpa answers EBUSY: vhost would swap the IOTLB
+            raise InvalidArgument("SET_FEATURES", self.device, "features are set before FEATURES_OK: reset first")
         if not features & VirtioFeature.ACCESS_PLATFORM:
             raise InvalidArgument("SET_FEATURES", self.device, "a vhost-net session translates through its "
                                   "domain: ACCESS_PLATFORM must be acked")
@@ -286,14 +288,16 @@ class NetSession(BindsEventfds):
             for index in sorted(self.attached):
                 self._detach(index)
             self.dev.reset_owner()
-            self._own()
-            if self.misses is not None:
-                self.misses.forget_all()
-        self.status, self.features, self.rings, self.enabled = 0, 0, {}, set()
-        for eventfd in self.eventfds.values():
-            eventfd.close()
-        self.eventfds.clear()
-        self.resets += 1
+            try:
+                self._own()
+            finally:  # the device has let go of its rings and IOTLB, whatever SET_OWNER does
+                if self.misses is not None:
+                    self.misses.forget_all()
+                self.status, self.features, self.rings, self.enabled = 0, 0, {}, set()
+                for eventfd in self.eventfds.values():
+                    eventfd.close()
+                self.eventfds.clear()
+                self.resets += 1
 
     # -- what is visible -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
