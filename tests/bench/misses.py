@@ -375,7 +375,7 @@ def run_miss_server(work: Workload) -> Served:
             phases = drive(queue, work.rounds, lambda: server.invalidate(revoke))
             timings = list(server.service_ns)
         finally:
-            server.stop()
+            server.retire(invalidate=False)  # the device closes next
     counters = server.counters
     return Served.timed(timings, counters.served - warm, counters.unmapped + counters.denied, phases)
 

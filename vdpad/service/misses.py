@@ -202,8 +202,7 @@ class MissServer:
             if not self.serving:
                 return
             mapping = self.domain.map.lookup(iova)
-            why = answer_for(mapping, perm)
-            if why is None:
+            if mapping is not None and not perm & ~mapping.perm._value_:  # answer_for, spelt out: the hot path
                 try:
                     channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
                 except IotlbWriteError as error:  # e.g. a reset dropped the device's IOTLB: it asks again
@@ -214,6 +213,7 @@ class MissServer:
                 self.held[id(mapping)] = mapping
                 self.counters.served += 1
                 return
+            why = answer_for(mapping, perm)
             setattr(self.counters, why, getattr(self.counters, why) + 1)
             self.pending[(iova, perm)] = Unanswered(iova, Access(perm), why)
         self._limited.warning("iotlb.miss_unanswered", iova=iova, perm=Access(perm).name, reason=why,
