@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 
-from vdpad.device.owned import OwnedFd
+from vdpad.device.owned import OwnedFd, duplicate_of_kind
 
 
 class EventFd:
@@ -28,14 +27,7 @@ class EventFd:
         ValueError, nothing left open, if `fd` is not an eventfd: the kernel would take
         any fd for a kick or call and only fail when it signals.
         """
-        own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
-        try:
-            with open(f"/proc/self/fdinfo/{own}") as info:
-                if not any(line.startswith("eventfd-count:") for line in info):
-                    raise ValueError(f"{name}: fd {fd} is not an eventfd")
-        except BaseException:
-            os.close(own)
-            raise
+        own = duplicate_of_kind(fd, name, "eventfd-count:", "an eventfd")
         adopted = cls.__new__(cls)
         adopted.name = name
         adopted._owned = OwnedFd(own, f"EventFd {name!r}")

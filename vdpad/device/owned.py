@@ -8,6 +8,7 @@ marks the owner closed and the last call to finish closes the fd.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import warnings
@@ -96,3 +97,18 @@ class OwnedFd:
 
     def __repr__(self) -> str:
         return f"<OwnedFd {self._fd} {self.what}>"
+
+
+def duplicate_of_kind(fd: int, what: str, fdinfo_field: str, kind: str) -> int:
+    """A duplicate (close-on-exec) of another process's `fd`, checked to be a `kind` by the field its
+    /proc/self/fdinfo shows (ValueError, nothing left open, otherwise): the kernel would take any fd and
+    only fail when it uses it."""
+    own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+    try:
+        with open(f"/proc/self/fdinfo/{own}") as info:
+            if not any(line.startswith(fdinfo_field) for line in info):
+                raise ValueError(f"{what}: fd {fd} is not {kind}")
+    except BaseException:
+        os.close(own)
+        raise
+    return own

@@ -13,8 +13,6 @@ queue waited on.
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from vdpad.device.errors import InvalidArgument, NotSupportedError
 from vdpad.device.flags import VirtioDeviceId
 from vdpad.device.iotlb_msg import Access
 from vdpad.device.net import VHOST_NET_VQS, VhostNet
-from vdpad.device.owned import OwnedFd
+from vdpad.device.owned import OwnedFd, duplicate_of_kind
 from vdpad.device.vdpa import IovaRange
 from vdpad.device.vring import LARGEST_VRING_NUM
 from vdpad.service.calls import DEVICE_CALLS
@@ -49,15 +47,7 @@ NET_DEVICE = "vhost-net"  # what session.open names it; each open is a device of
 
 def adopt_tap(fd: int, what: str) -> OwnedFd:
     """An owner of a duplicate of `fd`, which must be a tap (a /dev/net/tun file after TUNSETIFF)."""
-    own = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
-    try:
-        with open(f"/proc/self/fdinfo/{own}") as info:
-            if not any(line.startswith("iff:") for line in info):
-                raise ValueError(f"{what}: fd {fd} is not a tap (a /dev/net/tun file after TUNSETIFF)")
-    except BaseException:
-        os.close(own)
-        raise
-    return OwnedFd(own, what)
+    return OwnedFd(duplicate_of_kind(fd, what, "iff:", "a tap (a /dev/net/tun file after TUNSETIFF)"), what)
 
 
 @dataclass
