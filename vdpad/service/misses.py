@@ -59,6 +59,15 @@ class MissCounters:
     refused: int = 0  # answers the kernel refused (its IOTLB gone meanwhile: a reset); the device asks again
     invalidated: int = 0  # INVALIDATEs written
 
+    @property
+    def answered(self) -> int:
+        """Misses answered, at once or once mapped: what a session counts as served."""
+        return self.served + self.late
+
+    @property
+    def unanswered(self) -> int:
+        return self.unmapped + self.denied
+
 
 @dataclass(frozen=True)
 class Unanswered:

@@ -31,7 +31,7 @@ from vdpad.device.owned import OwnedFd, duplicate_of_kind
 from vdpad.device.vdpa import IovaRange
 from vdpad.device.vring import LARGEST_VRING_NUM
 from vdpad.service.calls import DEVICE_CALLS
-from vdpad.service.misses import MissServer
+from vdpad.service.misses import MissCounters, MissServer
 from vdpad.service.sessions import BindsEventfds, Counters, Peer
 
 if TYPE_CHECKING:
@@ -120,11 +120,10 @@ class NetSession(BindsEventfds):
 
     @property
     def counters(self) -> Counters:
-        misses = self.misses.counters if self.misses is not None else None
-        served = self.own_counters.misses_served + (misses.served + misses.late if misses else 0)
-        unanswered = self.own_counters.misses_unanswered + (misses.unmapped + misses.denied if misses else 0)
-        return Counters(resets=self.resets, errors=self.own_counters.errors, misses_served=served,
-                        misses_unanswered=unanswered)
+        misses = self.misses.counters if self.misses is not None else MissCounters()
+        return Counters(resets=self.resets, errors=self.own_counters.errors,
+                        misses_served=self.own_counters.misses_served + misses.answered,
+                        misses_unanswered=self.own_counters.misses_unanswered + misses.unanswered)
 
     # -- the domain (called by Domain, in a worker thread) ----------------------------------
     def serve(self, domain: Domain) -> None:
@@ -145,8 +144,8 @@ class NetSession(BindsEventfds):
         misses.retire(invalidate=not closing and bool(self.features & VirtioFeature.ACCESS_PLATFORM))
         self.misses, self.domain = None, None
         # What it did stays in the session's counters.
-        self.own_counters.misses_served += misses.counters.served + misses.counters.late
-        self.own_counters.misses_unanswered += misses.counters.unmapped + misses.counters.denied
+        self.own_counters.misses_served += misses.counters.answered
+        self.own_counters.misses_unanswered += misses.counters.unanswered
 
     def revoke(self, ranges: list[tuple[int, int]]) -> int:
         """A domain commit landed: INVALIDATE what it took away, answer what waited and is mapped now.
