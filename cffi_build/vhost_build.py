@@ -131,15 +131,39 @@ struct vhost_vdpa_iova_range { uint64_t first; uint64_t last; };
 int vdpad_ioctl_none(int fd, unsigned long request);
 int vdpad_ioctl_ptr(int fd, unsigned long request, void *arg);
 
-/* IOTLB messages packed back to back, `size` bytes each, written one per
- * write() (the kernel takes one message per call) until one is refused.
- * Returns how many the kernel took; *error is the refusal's errno, 0 when it
- * took them all. The GIL is released for the whole loop. */
-size_t vdpad_write_each(int fd, const char *messages, size_t size, size_t count, int *error);
+/* IOTLB batches: BATCH_BEGIN (when `begin`), INVALIDATEs given as (iova,
+ * size) pairs, UPDATEs as (iova, size, uaddr, perm) quads, BATCH_END (when
+ * `end`), all of one address space. Python hands the ranges over as flat
+ * arrays; framing, checking and writing them is C, one crossing each. */
+
+/* Index in the body (INVALIDATEs, then UPDATEs) of the first message the
+ * kernel would refuse as malformed, `invalidated + updated` when none is: a
+ * range that is empty or runs past 2^64, an UPDATE whose memory runs past
+ * 2^64, whose perm is not RO, WO or RW, or that leaves [first, last]. */
+size_t vdpad_iotlb_check(const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
+                         size_t updated, uint64_t first, uint64_t last);
+
+/* The batch framed as the kernel reads it (struct vhost_msg, or
+ * vhost_msg_v2 carrying `asid`), back to back into `out`, which holds
+ * room for them all. Returns how many messages. */
+size_t vdpad_iotlb_pack(unsigned int version, uint32_t asid, int begin, int end, const uint64_t *invalidate,
+                        size_t invalidated, const uint64_t *update, size_t updated, char *out);
+
+/* The batch checked whole (vdpad_iotlb_check) and, when no message is
+ * malformed, written framed one message per write() (the kernel takes one
+ * per call) until one is refused; the GIL is released throughout. Returns
+ * how many messages the kernel took, *error being the refusal's errno, 0
+ * when it took them all. A malformed message writes nothing: *error is -1
+ * and the return is its index in the body. */
+size_t vdpad_iotlb_write(int fd, unsigned int version, uint32_t asid, int begin, int end,
+                         const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
+                         size_t updated, uint64_t first, uint64_t last, int *error);
 """
 
 SOURCE = r"""
 #include <errno.h>
+#include <stdint.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/vhost.h>
@@ -183,22 +207,135 @@ static int vdpad_ioctl_ptr(int fd, unsigned long request, void *arg)
     return ioctl(fd, request, arg);
 }
 
-static size_t vdpad_write_each(int fd, const char *messages, size_t size, size_t count, int *error)
+static int vdpad_range_fits(uint64_t start, uint64_t size)
 {
-    size_t taken;
+    return size && size - 1 <= UINT64_MAX - start;
+}
 
+static size_t vdpad_iotlb_check(const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
+                                size_t updated, uint64_t first, uint64_t last)
+{
+    size_t i;
+
+    for (i = 0; i < invalidated; i++)
+        if (!vdpad_range_fits(invalidate[2 * i], invalidate[2 * i + 1]))
+            return i;
+    for (i = 0; i < updated; i++) {
+        const uint64_t *u = update + 4 * i;  /* iova, size, uaddr, perm */
+
+        if (!vdpad_range_fits(u[0], u[1]) || !vdpad_range_fits(u[2], u[1])
+            || u[3] < VHOST_ACCESS_RO || u[3] > VHOST_ACCESS_RW || u[0] < first || u[0] + (u[1] - 1) > last)
+            return invalidated + i;
+    }
+    return invalidated + updated;
+}
+
+union vdpad_iotlb_frame {
+    struct vhost_msg v1;
+    struct vhost_msg_v2 v2;
+};
+
+/* One message framed in `version`; returns its size. */
+static size_t vdpad_iotlb_frame(union vdpad_iotlb_frame *frame, unsigned int version, uint32_t asid, uint8_t type,
+                                uint64_t iova, uint64_t size, uint64_t uaddr, uint8_t perm)
+{
+    struct vhost_iotlb_msg *iotlb;
+
+    memset(frame, 0, sizeof(*frame));
+    if (version == VHOST_IOTLB_MSG_V2) {
+        frame->v2.type = version;
+        frame->v2.asid = asid;
+        iotlb = &frame->v2.iotlb;
+    } else {
+        frame->v1.type = (int)version;
+        iotlb = &frame->v1.iotlb;
+    }
+    iotlb->iova = iova;
+    iotlb->size = size;
+    iotlb->uaddr = uaddr;
+    iotlb->perm = perm;
+    iotlb->type = type;
+    return version == VHOST_IOTLB_MSG_V2 ? sizeof(frame->v2) : sizeof(frame->v1);
+}
+
+/* The body's message `i` (INVALIDATEs, then UPDATEs) framed; returns its size. */
+static size_t vdpad_iotlb_body(union vdpad_iotlb_frame *frame, unsigned int version, uint32_t asid,
+                               const uint64_t *invalidate, size_t invalidated, const uint64_t *update, size_t i)
+{
+    const uint64_t *u;
+
+    if (i < invalidated)
+        return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_INVALIDATE, invalidate[2 * i],
+                                 invalidate[2 * i + 1], 0, 0);
+    u = update + 4 * (i - invalidated);  /* iova, size, uaddr, perm */
+    return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_UPDATE, u[0], u[1], u[2], (uint8_t)u[3]);
+}
+
+static size_t vdpad_iotlb_pack(unsigned int version, uint32_t asid, int begin, int end, const uint64_t *invalidate,
+                               size_t invalidated, const uint64_t *update, size_t updated, char *out)
+{
+    union vdpad_iotlb_frame frame;
+    size_t i, size;
+
+    if (begin) {
+        size = vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_BEGIN, 0, 0, 0, 0);
+        memcpy(out, &frame, size);
+        out += size;
+    }
+    for (i = 0; i < invalidated + updated; i++) {
+        size = vdpad_iotlb_body(&frame, version, asid, invalidate, invalidated, update, i);
+        memcpy(out, &frame, size);
+        out += size;
+    }
+    if (end) {
+        size = vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_END, 0, 0, 0, 0);
+        memcpy(out, &frame, size);
+    }
+    return !!begin + invalidated + updated + !!end;
+}
+
+/* 0 when the kernel took the whole message, else the refusal's errno. */
+static int vdpad_write_whole(int fd, const union vdpad_iotlb_frame *frame, size_t size)
+{
+    ssize_t written;
+
+    do  /* as os.write does (PEP 475): a signal is no refusal */
+        written = write(fd, frame, size);
+    while (written < 0 && errno == EINTR);
+    if (written == (ssize_t)size)
+        return 0;
+    /* vhost takes a message whole or refuses it: a short count would be new, told as EIO */
+    return written < 0 ? errno : EIO;
+}
+
+static size_t vdpad_iotlb_write(int fd, unsigned int version, uint32_t asid, int begin, int end,
+                                const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
+                                size_t updated, uint64_t first, uint64_t last, int *error)
+{
+    union vdpad_iotlb_frame frame;
+    size_t body = invalidated + updated, taken = 0, i;
+
+    i = vdpad_iotlb_check(invalidate, invalidated, update, updated, first, last);
+    if (i < body) {
+        *error = -1;
+        return i;
+    }
     *error = 0;
-    for (taken = 0; taken < count; taken++) {
-        ssize_t written;
-
-        do  /* as os.write does (PEP 475): a signal is no refusal */
-            written = write(fd, messages + taken * size, size);
-        while (written < 0 && errno == EINTR);
-        if (written != (ssize_t)size) {
-            /* vhost takes a message whole or refuses it: a short count would be new, told as EIO */
-            *error = written < 0 ? errno : EIO;
-            break;
-        }
+    if (begin) {
+        if ((*error = vdpad_write_whole(fd, &frame,
+                                        vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_BEGIN, 0, 0, 0, 0))))
+            return taken;
+        taken++;
+    }
+    for (i = 0; i < body; i++, taken++)
+        if ((*error = vdpad_write_whole(fd, &frame,
+                                        vdpad_iotlb_body(&frame, version, asid, invalidate, invalidated, update, i))))
+            return taken;
+    if (end) {
+        if ((*error = vdpad_write_whole(fd, &frame,
+                                        vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_END, 0, 0, 0, 0))))
+            return taken;
+        taken++;
     }
     return taken;
 }

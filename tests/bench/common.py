@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import sys
 import time
@@ -20,6 +21,21 @@ def timed(work: Callable[[], object]) -> float:
         return time.perf_counter() - start
     finally:
         gc.enable()
+
+
+def compile_c(name: str, declarations: str, source: str, directory: Path):
+    """A reference C loop built with cffi into `directory` (a temporary one: never kept) and
+    imported from there: its (ffi, lib). cffi releases the GIL around each call."""
+    import cffi
+
+    builder = cffi.FFI()
+    builder.cdef(declarations)
+    builder.set_source(name, source, extra_compile_args=["-O2"])
+    library = builder.compile(tmpdir=str(directory))
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ffi, module.lib
 
 
 def save_figure(figure, png: Path) -> None:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib.util
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.bench.common import compile_c
 from tests.service import running_daemon
 from tests.sim import BROADCAST, ETHERTYPE_EXPERIMENTAL
 from tests.tap import VNET_HDR_V1, Tap, tap_device
@@ -183,20 +183,6 @@ void serve_misses(int vhost_fd, int stop_fd, const struct miss_entry *table, siz
     }
 }
 """
-
-
-def compile_c_loop(directory: Path):
-    """The C loop built into `directory` and imported from there: its (ffi, lib)."""
-    import cffi
-
-    builder = cffi.FFI()
-    builder.cdef(C_DECLARATIONS)
-    builder.set_source("_vdpad_bench_misses", C_SOURCE, extra_compile_args=["-O2"])
-    library = builder.compile(tmpdir=str(directory))
-    spec = importlib.util.spec_from_file_location("_vdpad_bench_misses", library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ffi, module.lib
 
 
 @dataclass(frozen=True)
@@ -465,7 +451,7 @@ def measure(repetitions: int, rounds: int) -> dict:
     with ExitStack() as stack:
         work = workload(stack, rounds)
         build = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vdpad-misses-")))
-        c_loop = compile_c_loop(build)
+        c_loop = compile_c("_vdpad_bench_misses", C_DECLARATIONS, C_SOURCE, build)
         daemon = stack.enter_context(daemon_domain(work))
         run = {"c_loop": lambda: run_c_loop(c_loop, work), "miss_server": lambda: run_miss_server(work),
                "daemon": lambda: run_daemon(daemon, work)}

@@ -16,6 +16,7 @@ from vdpad.device import (
     Access, BackendFeature, CodecError, InvalidArgument, IotlbBatch, IotlbMessage, IotlbWriteError, MessageType,
     VhostNet, Version,
 )
+from vdpad.device.iotlb_msg import outside_window
 
 U64 = (1 << 64) - 1
 u64 = st.integers(0, U64)
@@ -38,11 +39,11 @@ def test_a_packed_batch_is_its_messages_encoded_back_to_back(batch, version):
     assert len(batch) == len(messages) and IotlbBatch.of(messages).messages() == messages
 
 
-@given(batches)
-def test_the_bulk_check_finds_what_each_message_would(batch):
+@given(batches, st.one_of(st.just((0, U64)), st.tuples(u64, u64)))
+def test_the_bulk_check_finds_what_each_message_would(batch, window):
     first = next(((index, problem) for index, message in enumerate(batch.messages())
-                  if (problem := message.problem_for_write())), None)
-    assert batch.problem_for_write() == first
+                  if (problem := message.problem_for_write() or outside_window(message, window))), None)
+    assert batch.problem_for_write(window) == first
 
 
 def test_a_value_that_fits_no_field_is_named():

@@ -188,7 +188,8 @@ def test_planning_near_the_touched_ranges_gives_the_full_plan(bulk_change, data)
     """Kernel units that translate as the map a transaction started from, cut anywhere: the plan
     over the touched ranges only is the plan of the whole comparison (the kernel's entries after it
     built anew for many changes, or changed in place for a few)."""
-    with small_nodes(), mock.patch.object(plan_module, "BULK_CHANGE", bulk_change):
+    with small_nodes(), mock.patch.object(plan_module, "BULK_CHANGE", bulk_change), \
+            mock.patch.object(plan_module, "NEAR_SHARE", 0):  # near however many ranges were touched
         base = data.draw(maps(span=SPAN))
         units = MappingTree.of(data.draw(pieces_of(base)))
         target, touched = base, []

@@ -14,7 +14,8 @@ from vdpad._uapi import ffi, lib
 from vdpad.device.errors import InvalidArgument, IotlbWriteError, VhostError
 from vdpad.device.features import Features
 from vdpad.device.flags import BackendFeature
-from vdpad.device.iotlb_msg import CodecError, IotlbBatch, IotlbMessage, MessageType, Version
+from vdpad.device.core import U64
+from vdpad.device.iotlb_msg import CodecError, IotlbBatch, IotlbMessage, MessageType, Version, as_u64s, outside_window
 
 _READ_SIZE = max(Version.V1.size, Version.V2.size)
 
@@ -31,9 +32,9 @@ class IotlbWriter(Features):
     def iotlb_version(self) -> Version:
         return Version.V2 if BackendFeature.IOTLB_MSG_V2 in self.acked_backend_features else Version.V1
 
-    def _check_iotlb(self, op: str, asid: int, update: tuple[int, int] | None) -> None:
-        """What the device knows beyond the messages: its address spaces, and the IOVAs UPDATEs may use
-        (`update`: the (iova, size) they cover, None without UPDATEs)."""
+    def _iotlb_window(self, op: str, asid: int) -> tuple[int, int]:
+        """The (first, last) IOVA UPDATEs to address space `asid` may use, refusing an asid the device lacks."""
+        return 0, U64
 
     def _debugging(self) -> bool:
         # A filtering logger says whether debug events go anywhere; any other logger is given every event.
@@ -56,8 +57,8 @@ class IotlbWriter(Features):
             self._refuse(op, problem)
         self._check_bracket(op, message.asid, bracket=message.type
                             if message.type in (MessageType.BATCH_BEGIN, MessageType.BATCH_END) else None)
-        update = (message.iova, message.size) if message.type is MessageType.UPDATE else None
-        self._check_iotlb(op, message.asid, update)
+        if problem := outside_window(message, self._iotlb_window(op, message.asid)):
+            self._refuse(op, problem)
         version = self.iotlb_version
         data = message.encode(version)
         fields = _fields(message)
@@ -80,33 +81,39 @@ class IotlbWriter(Features):
         before it the kernel took (and holds).
         """
         op = "IOTLB batch"
-        if found := batch.problem_for_write():
-            index, problem = found
-            self._refuse(op, f"message {index}: {problem}")
-        bracket = MessageType.BATCH_BEGIN if batch.begin else MessageType.BATCH_END if batch.end else None
-        self._check_bracket(op, batch.asid, bracket=bracket)
-        try:
-            self._check_iotlb(op, batch.asid, batch.update_span())
-        except InvalidArgument:  # the span is outside: name the first message that is
-            for iova, size, *_ in batch.update:
-                self._check_iotlb(op, batch.asid, (iova, size))
-            raise
+        asid = batch.asid
+        if asid or batch.begin or batch.end:
+            self._check_bracket(op, asid, bracket=MessageType.BATCH_BEGIN if batch.begin
+                                else MessageType.BATCH_END if batch.end else None)
+        window = first, last = self._iotlb_window(op, asid)
         version = self.iotlb_version
-        data = batch.pack(version)
+        version.check_asid(asid)
         error = ffi.new("int *")
-        with self._owned.use() as fd:
-            # SAFETY: `data` holds len(batch) whole messages of version.size bytes, alive for the call.
-            accepted = lib.vdpad_write_each(fd, data, version.size, len(batch), error)
+        try:
+            invalidate, update = batch.flat()
+            with self._owned.use() as fd:
+                # SAFETY: the arrays hold len(invalidate) pairs and len(update) quads, alive for the call;
+                # the C side checks every message before writing any, and writes each one whole.
+                taken = lib.vdpad_iotlb_write(fd, version, asid, batch.begin, batch.end,
+                                              as_u64s(invalidate), len(batch.invalidate),
+                                              as_u64s(update), len(batch.update),
+                                              first, last, error)
+        except OverflowError:  # a value no field holds: the codec names it (CodecError)
+            batch.problem_for_write(window)
+            raise
         refused = error[0]
+        if refused < 0:
+            index, problem = batch.problem_for_write(window)
+            self._refuse(op, f"message {index}: {problem}")
         if refused or self._debugging():
             messages = batch.messages()
-            for message in messages[:accepted]:
+            for message in messages[:taken]:
                 self._log.debug("iotlb.write", version=version.name, **_fields(message))
         if refused:
-            fields = _fields(messages[accepted])
+            fields = _fields(messages[taken])
             self._log.debug("iotlb.write", version=version.name, **fields, errno=errno.errorcode.get(refused))
-            raise IotlbWriteError(refused, f"IOTLB {fields.pop('type')}", self.path, fields, accepted=accepted)
-        return accepted
+            raise IotlbWriteError(refused, f"IOTLB {fields.pop('type')}", self.path, fields, accepted=taken)
+        return taken
 
 
 class IotlbReader(Features):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import enum
 import struct
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
-from operator import add
+from itertools import chain
 
 from vdpad._uapi import ffi, lib
 from vdpad.device.core import U32, U64
@@ -41,7 +41,11 @@ class Version(enum.IntEnum):
 
     @property
     def size(self) -> int:
-        return ffi.sizeof(self.struct)
+        return _SIZES[self]
+
+    def check_asid(self, asid: int) -> None:
+        if self is Version.V1 and asid:
+            raise CodecError(f"asid={asid} needs a v2 message")
 
     @property
     def layout(self) -> struct.Struct:
@@ -64,6 +68,7 @@ def _layout(version: Version) -> struct.Struct:
     return layout
 
 
+_SIZES = {version: ffi.sizeof(version.struct) for version in Version}  # asked on every write: once here
 _LAYOUTS = {version: _layout(version) for version in Version}
 
 
@@ -132,8 +137,7 @@ class IotlbMessage:
         return None
 
     def encode(self, version: Version = Version.V2) -> bytes:
-        if version is Version.V1 and self.asid:
-            raise CodecError(f"asid={self.asid} needs a v2 message")
+        version.check_asid(self.asid)
         msg = ffi.new(version.struct + " *")
         msg.type = version
         if version is Version.V2:
@@ -165,6 +169,19 @@ class IotlbMessage:
                    msg.asid if version is Version.V2 else 0)
 
 
+def as_u64s(values: array):
+    """An array('Q') as the C side's uint64_t *, without a copy."""
+    return ffi.from_buffer("uint64_t[]", values)
+
+
+def outside_window(message: IotlbMessage, window: tuple[int, int]) -> str | None:
+    """Why an UPDATE may not be written where it is: outside the (first, last) IOVAs the device translates."""
+    first, last = window
+    if message.type is MessageType.UPDATE and not first <= message.iova <= message.last <= last:
+        return f"iova={message.iova:#x} size={message.size:#x} is outside the device's IOVA range {first:#x}..{last:#x}"
+    return None
+
+
 @dataclass(frozen=True)
 class IotlbBatch:
     """The messages of one change to one address space, in the order vhost-vdpa takes them.
@@ -190,69 +207,50 @@ class IotlbBatch:
                 + [IotlbMessage(MessageType.UPDATE, *row, asid=asid) for row in self.update]
                 + [IotlbMessage(MessageType.BATCH_END, asid=asid)] * self.end)
 
-    def _columns(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-        """iova, size, uaddr, perm and type of every message, in order (built by C-level list operations)."""
-        invalidated, updated = len(self.invalidate), len(self.update)
-        inv = list(zip(*self.invalidate)) or [(), ()]
-        upd = list(zip(*self.update)) or [(), (), (), ()]
-        head, tail = [0] * self.begin, [0] * self.end
-        types = ([MessageType.BATCH_BEGIN] * self.begin + [MessageType.INVALIDATE] * invalidated
-                 + [MessageType.UPDATE] * updated + [MessageType.BATCH_END] * self.end)
-        return ([*head, *inv[0], *upd[0], *tail], [*head, *inv[1], *upd[1], *tail],
-                [*head, *repeat(0, invalidated), *upd[2], *tail],
-                [*head, *repeat(0, invalidated), *upd[3], *tail], types)
+    def flat(self) -> tuple[array, array]:
+        """The INVALIDATE (iova, size) pairs and the UPDATE (iova, size, uaddr, perm) quads, each run into
+        one array of u64 as the C side takes them; made once per batch. OverflowError for a value no u64 holds."""
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            flat = array("Q", chain.from_iterable(self.invalidate)), array("Q", chain.from_iterable(self.update))
+            self.__dict__["_flat"] = flat  # a cache, not a field: the batch stays the same value
+        return flat
 
-    def problem_for_write(self) -> tuple[int, str] | None:
+    def problem_for_write(self, window: tuple[int, int] = (0, U64)) -> tuple[int, str] | None:
         """(index, problem) of the first message the kernel would refuse when written, or None.
 
-        The common case, every message plainly well formed, is told in bulk;
-        otherwise each message is asked (IotlbMessage.problem_for_write: the
-        rules' one home), and a value that does not fit its field raises
-        CodecError as building that message would.
+        `window` is the (first, last) IOVA UPDATEs must lie in. One C pass
+        finds the message; IotlbMessage.problem_for_write (the rules' one
+        home for words) says what is wrong with it. A value that does not fit
+        its field raises CodecError as building that message would.
         """
-        if self._plainly_writable():
+        first, last = window
+        try:
+            invalidate, update = self.flat()
+            found = lib.vdpad_iotlb_check(as_u64s(invalidate), len(self.invalidate), as_u64s(update), len(self.update),
+                                          first, last)
+        except OverflowError:  # a value fits no u64 field: building the messages names it
+            self.messages()
+            raise
+        if found == len(self.invalidate) + len(self.update):
             return None
-        for index, message in enumerate(self.messages()):
-            if problem := message.problem_for_write():
-                return index, problem
-        return None
-
-    def _plainly_writable(self) -> bool:
-        # What problem_for_write asks of each message, over whole columns; anything unusual
-        # (a bound reached, a bad perm) falls to the message-by-message check.
-        if not 0 <= self.asid <= U32:
-            return False
-        if self.invalidate:
-            iovas, sizes = zip(*self.invalidate)
-            if min(iovas) < 0 or min(sizes) <= 0 or max(sizes) > U64 or max(map(add, iovas, sizes)) > U64 + 1:
-                return False
-        if self.update:
-            iovas, sizes, uaddrs, perms = zip(*self.update)
-            if (min(iovas) < 0 or min(sizes) <= 0 or max(sizes) > U64 or min(uaddrs) < 0
-                    or max(map(add, iovas, sizes)) > U64 + 1
-                    or max(map(add, uaddrs, sizes)) > U64 + 1 or not set(perms) <= _UPDATE_PERMS):
-                return False
-        return True
-
-    def update_span(self) -> tuple[int, int] | None:
-        """(iova, size) from the lowest UPDATE to the end of the highest, None without UPDATEs."""
-        if not self.update:
-            return None
-        iovas, sizes = list(zip(*self.update))[:2]
-        first = min(iovas)
-        return first, max(map(add, iovas, sizes)) - first
+        index = self.begin + found
+        message = self.messages()[index]
+        return index, message.problem_for_write() or outside_window(message, window) or "refused by the C check"
 
     def pack(self, version: Version = Version.V2) -> bytes:
-        """Every message framed as IotlbMessage.encode frames it, back to back."""
-        if version is Version.V1 and self.asid:
-            raise CodecError(f"asid={self.asid} needs a v2 message")
-        head = (repeat(version), repeat(self.asid)) if version is Version.V2 else (repeat(version),)
+        """Every message framed as IotlbMessage.encode frames it, back to back (framed in C)."""
+        version.check_asid(self.asid)
+        out = ffi.new("char[]", len(self) * version.size)
         try:
-            return b"".join(map(version.layout.pack, *head, *self._columns()))
-        except struct.error:
+            invalidate, update = self.flat()
+            lib.vdpad_iotlb_pack(version, self.asid, self.begin, self.end, as_u64s(invalidate), len(self.invalidate),
+                                 as_u64s(update), len(self.update), out)
+        except OverflowError:
             for message in self.messages():  # names the value that does not fit
                 message.encode(version)
             raise
+        return ffi.buffer(out)[:]
 
     @classmethod
     def of(cls, messages: Sequence[IotlbMessage]) -> IotlbBatch:
@@ -272,4 +270,3 @@ class IotlbBatch:
         return batch
 
 
-_UPDATE_PERMS = frozenset({Access.RO, Access.WO, Access.RW})

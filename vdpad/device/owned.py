@@ -12,8 +12,6 @@ import fcntl
 import os
 import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class OwnedFd:
@@ -51,24 +49,28 @@ class OwnedFd:
             raise ValueError(f"{self.what} is closed")
         return fd
 
-    @contextmanager
-    def use(self) -> Iterator[int]:
-        """The number, kept open until the block ends even if another thread closes meanwhile."""
+    def use(self) -> OwnedFd:
+        """`with owned.use() as fd:` the number, kept open until the block ends even if another thread
+        closes meanwhile. The owner is its own context manager (it keeps no state per use), so a call
+        costs no generator: every ioctl and IOTLB write takes this path."""
+        return self
+
+    def __enter__(self) -> int:
         with self._lock:
-            if self._fd < 0:
+            fd = self._fd
+            if fd < 0:
                 raise ValueError(f"{self.what} is closed")
             self._calls += 1
-            fd = self._fd
-        try:
-            yield fd
-        finally:
+        return fd
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._calls -= 1
+            last = self._unclosed if not self._calls else -1
+        if last >= 0:  # the last call out closes what close() left open; `released` once it is shut
+            os.close(last)
             with self._lock:
-                self._calls -= 1
-                last = self._unclosed if not self._calls else -1
-            if last >= 0:  # the last call out closes what close() left open; `released` once it is shut
-                os.close(last)
-                with self._lock:
-                    self._unclosed = -1
+                self._unclosed = -1
 
     def close(self) -> bool:
         """Mark closed; close the fd now, or when the last call in flight ends. True the first time."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from operator import attrgetter
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -95,6 +96,8 @@ class _Space:
     # touched. False from the first message a change sends until it is known to have landed whole.
     in_step: bool = True
 
+
+_UPDATE_ROW = attrgetter("iova", "size", "uaddr", "perm")  # a unit as its UPDATE's fields
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
 REFUSED = (VhostError, InvalidArgument)
@@ -380,9 +383,9 @@ class DeviceIotlb:
             raise self._refuse(op, f"iova={iova!r} and size={size!r} must be integers")
         if size <= 0:
             raise self._refuse(op, f"size={size:#x} must be positive")
-        for name, value in (("iova", iova), ("size", size)):
-            if value % PAGE_SIZE:
-                raise self._refuse(op, f"{name}={value:#x} is not a multiple of the page size {PAGE_SIZE:#x}")
+        if iova % PAGE_SIZE or size % PAGE_SIZE:
+            name, value = ("iova", iova) if iova % PAGE_SIZE else ("size", size)
+            raise self._refuse(op, f"{name}={value:#x} is not a multiple of the page size {PAGE_SIZE:#x}")
         first, last = self.iova_range.first, self.iova_range.last
         if iova < first or iova + size - 1 > last:
             raise self._refuse(op, f"{describe_range(iova, size)} is outside the device's IOVA range "
@@ -391,10 +394,11 @@ class DeviceIotlb:
     def _checked_mapping(self, iova: int, region: Memory, offset: int, size: int, perm: Access) -> Mapping:
         op = "IOTLB map"
         self._check_range(op, iova, size)
-        try:
-            perm = Access(perm)
-        except ValueError:
-            perm = None
+        if type(perm) is not Access:  # a plain int, from the wire: its flag, if it names one
+            try:
+                perm = Access(perm)
+            except ValueError:
+                perm = None
         if perm not in VALID_PERMS:
             raise self._refuse(op, f"perm must be RO, WO or RW, not {perm!r}")
         for attribute in ("address", "size", "closed"):
@@ -418,24 +422,26 @@ class DeviceIotlb:
             space = self._spaces[tx.asid]
             # Other commits may have landed since tx began: its operations then apply to the map they left.
             target = tx.pending if space.view is tx.base else tx._replay_onto(space.view)
-            # In step, every entry outside the touched ranges is held by a kernel unit, and a region the
-            # kernel maps refuses to close: only the touched entries can point into a closed one.
+            # In step, every entry of the current map is held by kernel units, and a region the kernel
+            # maps refuses to close: only what the transaction's own operations map can be closed.
             touched = tx.touched if space.in_step else None
-            checked = (target if touched is None
-                       else (entry for iova, end in touched for entry in target.tree.overlapping(iova, end)))
-            for entry in checked:
-                if entry.region.closed:
-                    raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
+            if touched is None or any(region.closed for region in tx.regions):
+                checked = (target if touched is None
+                           else (entry for iova, end in touched for entry in target.tree.overlapping(iova, end)))
+                for entry in checked:
+                    if entry.region.closed:
+                        raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
             work = plan_change(space.units, target, touched)
-            window = unmapped_meanwhile(space.units, work, target) if work.invalidate else ()
-            suspend = self._suspend_for(tx, window)
+            atomic = self.atomic_batches  # a set_map parent never sees the gap between an INVALIDATE and an UPDATE
+            window = unmapped_meanwhile(space.units, work, target) if work.invalidate and not atomic else ()
+            suspend = bool(window) and self._suspend_for(tx, window)
             self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate), update=len(work.update),
                             entries=len(target), window=len(window),
-                            path="batch" if self.atomic_batches else "suspended" if suspend else "at once")
+                            path="batch" if atomic else "suspended" if suspend else "at once")
             if space.needs_emptying and not work:
                 self._empty_device_map(tx.asid, space)  # left over from a reset whose emptying failed
             if work:
-                with self._suspended(suspend):
+                with self._suspended() if suspend else nullcontext():
                     self._run(tx.asid, space, work, undo_to=space.units)
                     # Sent: a RESUME refused after this leaves the map booked as the kernel holds it.
                     space.view, space.in_step = target, True
@@ -446,13 +452,11 @@ class DeviceIotlb:
     def _suspend_for(self, tx: Transaction, window: tuple[tuple[int, int], ...]) -> bool:
         """Whether the device must be suspended while a commit unmaps `window` for an instant.
 
-        `window` holds bytes mapped before and after the commit that its
-        INVALIDATEs free before its UPDATEs map them again. A set_map parent
-        takes the batch as one switch and never sees it; a parent that applies
-        each message at once does, and a running device may reach into it.
+        `window` (not empty) holds bytes mapped before and after the commit
+        that its INVALIDATEs free before its UPDATEs map them again, on a
+        parent that applies each message at once: a running device may reach
+        into it. (A set_map parent takes the batch as one switch: no window.)
         """
-        if not window or self.atomic_batches:
-            return False
         if self.dev.suspended or DeviceStatus.DRIVER_OK not in self.dev.get_status():
             return False  # nothing is running that could reach the gap
         if BackendFeature.SUSPEND | BackendFeature.RESUME in self.acked:
@@ -468,10 +472,7 @@ class DeviceIotlb:
                                            "it first, ack SUSPEND and RESUME, or allow the window")
 
     @contextmanager
-    def _suspended(self, suspend: bool) -> Iterator[None]:
-        if not suspend:
-            yield
-            return
+    def _suspended(self) -> Iterator[None]:
         self.dev.suspend()
         try:
             yield
@@ -549,8 +550,7 @@ class DeviceIotlb:
 
     def _send(self, asid: int, space: _Space, work: Plan, *, begin: bool = False, end: bool = False) -> None:
         """Write `work` (after BATCH_BEGIN, before BATCH_END, when asked) by one write loop; book what landed."""
-        batch = IotlbBatch(asid, work.invalidate, [(u.iova, u.size, u.uaddr, u.perm) for u in work.update],
-                           begin=begin, end=end)
+        batch = IotlbBatch(asid, work.invalidate, list(map(_UPDATE_ROW, work.update)), begin=begin, end=end)
         try:
             self.dev.write_iotlb_batch(batch)
         except REFUSED as error:

@@ -102,7 +102,7 @@ def _runs(units: Iterable[tuple[Mapping, bool]]) -> tuple[tuple[int, int], ...]:
 def after_invalidate(units: Iterable[Mapping], iova: int, size: int) -> MappingTree:
     """The units left once the kernel took an INVALIDATE: every unit it touches goes, whole."""
     units = MappingTree.of(units)
-    for unit in list(units.overlapping(iova, iova + size)):
+    for unit in units.overlapping(iova, iova + size):
         units = units.removed(unit)
     return units
 
@@ -120,22 +120,27 @@ def transition(units: Iterable[Mapping], wanted: Iterable[Mapping]) -> Plan:
 
 # Changes to a kernel map beyond which one rebuild beats a path copy per change (besides a quarter of the map).
 BULK_CHANGE = 64
+# Touched ranges beyond which one walk over both maps beats planning near each (O(log n) apiece, a
+# larger constant): near when NEAR_SHARE times their number is at most the units and entries together.
+NEAR_SHARE = 8
 
 
 def plan(units: Iterable[Mapping], target: AddressMap,
-         touched: Iterable[tuple[int, int]] | None = None) -> Plan:
+         touched: Sequence[tuple[int, int]] | None = None) -> Plan:
     """The minimal change from kernel entries `units` to a kernel translating as `target`.
 
     O(n) in the units and entries. With `touched`, (start, end) IOVA ranges,
     the caller promises that `units` translate exactly as a map that differs
     from `target` only inside those ranges (the map a transaction started
-    from, when the kernel was in step with it): then only the units and
-    entries near those ranges are looked at, in O(k log n) for k of them, and
-    the plan is the one the full comparison gives.
+    from, when the kernel was in step with it): then, when they are few,
+    only the units and entries near them are looked at, in O(k log n) for k
+    of them, and the plan is the one the full comparison gives.
     """
     units = MappingTree.of(units)
-    if touched is not None:
+    if touched is not None and NEAR_SHARE * len(touched) <= len(units) + len(target):
         return _plan_near(units, target, touched)
+    if not units:  # a first commit: every entry is one UPDATE, and the kernel then holds the entries
+        return Plan((), tuple(target), target.tree)
     flags = _kept_flags(units, target)
     kept = [unit for unit, keep in flags if keep]
     update = tuple(target.without(kept))
@@ -172,7 +177,7 @@ def _spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return spans
 
 
-def _plan_near(units: MappingTree, target: AddressMap, touched: Iterable[tuple[int, int]]) -> Plan:
+def _plan_near(units: MappingTree, target: AddressMap, touched: Sequence[tuple[int, int]]) -> Plan:
     # Outside the touched ranges every unit still translates as wanted, so it is kept, and
     # every byte target maps there is covered by one. Only units that meet a touched range can go.
     spans = _spans(touched)

@@ -10,7 +10,6 @@ A' covering both, and `==` says so.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 from vdpad.device.iotlb_msg import Access
@@ -34,11 +33,13 @@ class OverlapError(ValueError):
     """A range mapped over one that is already mapped."""
 
 
-@dataclass(frozen=True, eq=False)
 class Mapping:
-    """`size` bytes at `iova` translate to `region` from `offset`, with `perm`.
+    """`size` bytes at `iova` translate to `region` from `offset`, with `perm`. Immutable.
 
     Regions are compared by identity: the same memory, not equal-looking memory.
+    `end` (the first IOVA after it) and `uaddr` (the userspace address the
+    kernel is given for `iova`) are worked out once: every plan and every
+    UPDATE reads them.
     """
 
     iova: int
@@ -46,16 +47,19 @@ class Mapping:
     region: Memory
     offset: int
     perm: Access
+    end: int
+    uaddr: int
 
-    @property
-    def end(self) -> int:
-        """The first IOVA after the mapping."""
-        return self.iova + self.size
+    def __init__(self, iova: int, size: int, region: Memory, offset: int, perm: Access):
+        # One dict update, not a __setattr__ per field: maps and plans make mappings by the thousand.
+        self.__dict__.update(iova=iova, size=size, region=region, offset=offset, perm=perm,
+                             end=iova + size, uaddr=region.address + offset)
 
-    @property
-    def uaddr(self) -> int:
-        """The userspace address the kernel is given for `iova`."""
-        return self.region.address + self.offset
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a Mapping is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a Mapping is immutable: cannot delete {name}")
 
     def continued_by(self, other: Mapping) -> bool:
         """`other` starts where this ends and maps the memory that follows, the same way."""
@@ -172,7 +176,7 @@ class AddressMap:
 
     def overlapping(self, iova: int, size: int) -> list[Mapping]:
         """Entries that intersect [iova, iova + size)."""
-        return list(self._tree.overlapping(iova, iova + size))
+        return self._tree.overlapping(iova, iova + size)
 
     def matches(self, unit: Mapping) -> bool:
         """Every byte of `unit` translates here exactly as `unit` says."""
@@ -183,8 +187,9 @@ class AddressMap:
     def mapped(self, mapping: Mapping) -> AddressMap:
         if mapping.size <= 0:
             raise ValueError(f"{mapping} has no size")
-        clash = next(self._tree.overlapping(mapping.iova, mapping.end), None)
-        if clash is not None:
+        # Entries never overlap: only the last one starting before the mapping's end can reach into it.
+        clash = self._tree.floor(mapping.end - 1)
+        if clash is not None and clash.end > mapping.iova:
             raise OverlapError(f"{describe_range(mapping.iova, mapping.size)} overlaps {clash}, "
                                "which is mapped already (unmap it first)")
         tree = self._tree
@@ -202,7 +207,7 @@ class AddressMap:
     def unmapped(self, iova: int, size: int) -> AddressMap:
         """This map without [iova, iova + size); entries partly inside keep their outer parts."""
         end = iova + size
-        cut = list(self._tree.overlapping(iova, end))
+        cut = self._tree.overlapping(iova, end)
         if not cut:
             return self
         tree = self._tree

@@ -15,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,13 +35,16 @@ class _Node:
     def __init__(self, items: tuple, leaf: bool):
         self.items, self.leaf = items, leaf
         if leaf:
-            self.keys = tuple(m.iova for m in items)
+            self.keys = tuple(map(_IOVA, items))
             self.count = len(items)
-            self.nbytes = sum(m.size for m in items)
+            self.nbytes = sum(map(_SIZE, items))
         else:
             self.keys = tuple(child.keys[0] for child in items)
-            self.count = sum(child.count for child in items)
-            self.nbytes = sum(child.nbytes for child in items)
+            self.count = sum(map(_COUNT, items))
+            self.nbytes = sum(map(_NBYTES, items))
+
+
+_IOVA, _SIZE, _COUNT, _NBYTES = (attrgetter(name) for name in ("iova", "size", "count", "nbytes"))
 
 
 def _nodes(items: Sequence, leaf: bool) -> list[_Node]:
@@ -197,15 +201,39 @@ class MappingTree:
             return iter(())
         return (m for m in _walk_from(self._root, iova) if m.iova >= iova)
 
-    def overlapping(self, iova: int, end: int) -> Iterator[Mapping]:
+    def overlapping(self, iova: int, end: int) -> list[Mapping]:
         """The mappings that intersect [iova, end), in order."""
-        if self._root is None:
-            return
-        for entry in _walk_from(self._root, iova):
-            if entry.iova >= end:
-                return
-            if entry.end > iova:
-                yield entry
+        # A loop down and along the leaves, not nested generators: most calls find one or two.
+        node = self._root
+        if node is None:
+            return []
+        path: list[tuple[_Node, int]] = []  # the inner nodes above the leaf, and which child it is
+        while not node.leaf:
+            index = max(bisect_right(node.keys, iova) - 1, 0)
+            path.append((node, index))
+            node = node.items[index]
+        index = max(bisect_right(node.keys, iova) - 1, 0)
+        found: list[Mapping] = []
+        while True:
+            items = node.items
+            for at in range(index, len(items)):
+                entry = items[at]
+                if entry.iova >= end:
+                    return found
+                if entry.end > iova:
+                    found.append(entry)
+            while path:  # on to the next leaf
+                parent, child = path.pop()
+                if child + 1 < len(parent.items):
+                    path.append((parent, child + 1))
+                    node = parent.items[child + 1]
+                    while not node.leaf:
+                        path.append((node, 0))
+                        node = node.items[0]
+                    break
+            else:
+                return found
+            index = 0
 
     # -- changing (new trees) ------------------------------------------------------------
     def inserted(self, entry: Mapping) -> MappingTree:
