@@ -50,6 +50,13 @@ def configure(level: str | None = None) -> None:
     )
 
 
+def debug_enabled(logger: Any) -> bool:
+    """Whether `logger`'s debug events go anywhere: a filtering logger knows (its level is bound when it
+    is made), any other is given every event. Hot paths ask once and skip building events nobody reads."""
+    enabled = getattr(logger, "is_enabled_for", None)
+    return enabled is None or enabled(logging.DEBUG)
+
+
 def stderr_is_journal() -> bool:
     """systemd sets JOURNAL_STREAM=dev:inode of the stream it connected; a redirection changes it."""
     try:

@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 
 from vdpad._uapi import ffi, lib
+from vdpad.log import debug_enabled
 from vdpad.device.errors import InvalidArgument, raise_for, strerror
 from vdpad.device.owned import OwnedFd
 
@@ -33,7 +34,8 @@ class FdCore:
         except OSError as error:
             raise type(error)(error.errno, f"cannot open {self.path}: {strerror(error.errno)}") from None
         self._owned = OwnedFd(fd, f"{type(self).__name__} {self.path}")
-        self._log = log.bind(device=self.path)
+        self._log = log.bind(device=self.path)  # its level is bound now: debug events go somewhere or nowhere
+        self._debug = debug_enabled(self._log)
 
     # -- life cycle ------------------------------------------------------
     def fileno(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import select
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from vdpad.device.core import U64
 from vdpad.device.iotlb_msg import CodecError, IotlbBatch, IotlbMessage, MessageType, Version, as_u64s, outside_window
 
 _READ_SIZE = max(Version.V1.size, Version.V2.size)
+_MSG_V2, _ASID, _BATCH = map(int, (BackendFeature.IOTLB_MSG_V2, BackendFeature.IOTLB_ASID, BackendFeature.IOTLB_BATCH))
 
 
 def _fields(message: IotlbMessage) -> dict[str, object]:
@@ -30,23 +30,18 @@ class IotlbWriter(Features):
 
     @property
     def iotlb_version(self) -> Version:
-        return Version.V2 if BackendFeature.IOTLB_MSG_V2 in self.acked_backend_features else Version.V1
+        return Version.V2 if int(self.acked_backend_features) & _MSG_V2 else Version.V1
 
     def _iotlb_window(self, op: str, asid: int) -> tuple[int, int]:
         """The (first, last) IOVA UPDATEs to address space `asid` may use, refusing an asid the device lacks."""
         return 0, U64
 
-    def _debugging(self) -> bool:
-        # A filtering logger says whether debug events go anywhere; any other logger is given every event.
-        enabled = getattr(self._log, "is_enabled_for", None)
-        return enabled is None or enabled(logging.DEBUG)
-
     def _check_bracket(self, op: str, asid: int, *, bracket: MessageType | None) -> None:
         """The features the messages need acked: IOTLB_ASID for asid > 0, IOTLB_BATCH for a BATCH_BEGIN/END."""
-        acked = self.acked_backend_features
-        if asid and BackendFeature.IOTLB_ASID not in acked:
+        acked = int(self.acked_backend_features)  # int arithmetic: Flag's `in` costs a Python call, on every write
+        if asid and not acked & _ASID:
             self._refuse(op, f"asid={asid} needs IOTLB_ASID acked first")
-        if bracket is not None and BackendFeature.IOTLB_BATCH not in acked:
+        if bracket is not None and not acked & _BATCH:
             self._refuse(op, f"{bracket.name} needs IOTLB_BATCH acked first")
 
     def write_iotlb(self, message: IotlbMessage) -> None:
@@ -82,9 +77,10 @@ class IotlbWriter(Features):
         """
         op = "IOTLB batch"
         asid = batch.asid
-        if asid or batch.begin or batch.end:
-            self._check_bracket(op, asid, bracket=MessageType.BATCH_BEGIN if batch.begin
-                                else MessageType.BATCH_END if batch.end else None)
+        begin, end = batch.begin, batch.end
+        if asid or begin or end:
+            self._check_bracket(op, asid, bracket=MessageType.BATCH_BEGIN if begin
+                                else MessageType.BATCH_END if end else None)
         window = first, last = self._iotlb_window(op, asid)
         version = self.iotlb_version
         version.check_asid(asid)
@@ -92,11 +88,10 @@ class IotlbWriter(Features):
         try:
             invalidate, update = batch.flat()
             with self._owned.use() as fd:
-                # SAFETY: the arrays hold len(invalidate) pairs and len(update) quads, alive for the call;
-                # the C side checks every message before writing any, and writes each one whole.
-                taken = lib.vdpad_iotlb_write(fd, version, asid, batch.begin, batch.end,
-                                              as_u64s(invalidate), len(batch.invalidate),
-                                              as_u64s(update), len(batch.update),
+                # SAFETY: the arrays hold their pairs and quads, alive for the call; the C side
+                # checks every message before writing any, and writes each one whole.
+                taken = lib.vdpad_iotlb_write(fd, version, asid, begin, end, as_u64s(invalidate),
+                                              len(invalidate) >> 1, as_u64s(update), len(update) >> 2,
                                               first, last, error)
         except OverflowError:  # a value no field holds: the codec names it (CodecError)
             batch.problem_for_write(window)
@@ -105,7 +100,7 @@ class IotlbWriter(Features):
         if refused < 0:
             index, problem = batch.problem_for_write(window)
             self._refuse(op, f"message {index}: {problem}")
-        if refused or self._debugging():
+        if refused or self._debug:
             messages = batch.messages()
             for message in messages[:taken]:
                 self._log.debug("iotlb.write", version=version.name, **_fields(message))
@@ -150,7 +145,7 @@ class IotlbReader(Features):
         with self._owned.use() as fd:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             try:
-                yield IotlbChannel(fd, self.iotlb_version, self.path, self._log if self._debugging() else None)
+                yield IotlbChannel(fd, self.iotlb_version, self.path, self._log if self._debug else None)
             finally:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the file is shared with the fd's other users
 

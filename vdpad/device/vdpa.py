@@ -166,8 +166,12 @@ class VhostVdpa(VhostFd):
         self._vring_state(op, lib.VHOST_VDPA_SET_GROUP_ASID, group, asid, index_name="group", asid=asid)
 
     def _iotlb_window(self, op: str, asid: int) -> tuple[int, int]:
-        spaces = self._known("address_spaces", self.get_as_num)
+        limits = self._shape.get("iotlb_limits")  # asked on every write: one lookup once known
+        if limits is None:
+            window = self._known("iova_range", self.get_iova_range)
+            limits = self._remember("iotlb_limits", (self._known("address_spaces", self.get_as_num),
+                                                     (window.first, window.last)))
+        spaces, window = limits
         if asid >= spaces:
             self._refuse(op, f"asid={asid} is out of range: the device has {spaces} address spaces")
-        window = self._known("iova_range", self.get_iova_range)
-        return window.first, window.last
+        return window

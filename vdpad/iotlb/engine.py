@@ -7,7 +7,7 @@ import threading
 import weakref
 from operator import attrgetter
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from vdpad.iotlb.plan import (
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
 from vdpad.iotlb.tree import MappingTree
+from vdpad.log import debug_enabled
 from vdpad.mgmt.parent import MapKind, map_kind_of_node
 
 T = TypeVar("T")
@@ -97,6 +98,7 @@ class _Space:
     in_step: bool = True
 
 
+_BATCH = int(BackendFeature.IOTLB_BATCH)
 _UPDATE_ROW = attrgetter("iova", "size", "uaddr", "perm")  # a unit as its UPDATE's fields
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
@@ -151,7 +153,8 @@ class DeviceIotlb:
         self._recorders: list[Callable[[Written], None]] = []
         self._lock = threading.RLock()
         self._open_batch: int | None = None  # the ASID of a batch the kernel did not see end
-        self._log = log.bind(device=dev.path)
+        self._log = log.bind(device=dev.path)  # its level is bound now, as a device's logger is
+        self._debug = debug_enabled(self._log)
         self._log.debug("iotlb.open", acked=str(self.acked), as_num=self.as_num, groups=self.group_num,
                         map_kind=self.map_kind.value if self.map_kind else "unknown (taken as at once)",
                         reset="kept" if self.persistent else "replayed", atomic_batches=self.atomic_batches,
@@ -177,12 +180,15 @@ class DeviceIotlb:
 
     @property
     def batching(self) -> bool:
-        return BackendFeature.IOTLB_BATCH in self.acked
+        return bool(int(self.acked) & _BATCH)  # int arithmetic: asked on every commit
 
     @property
     def atomic_batches(self) -> bool:
         """A commit reaches the device as one switch: a set_map parent, with batches acked."""
-        return self.batching and self.map_kind is not None and self.map_kind.atomic_batches
+        return self._atomic(self.batching)
+
+    def _atomic(self, batching: bool) -> bool:
+        return batching and self.map_kind is not None and self.map_kind.atomic_batches
 
     @property
     def open_batch(self) -> int | None:
@@ -425,26 +431,31 @@ class DeviceIotlb:
             # In step, every entry of the current map is held by kernel units, and a region the kernel
             # maps refuses to close: only what the transaction's own operations map can be closed.
             touched = tx.touched if space.in_step else None
-            if touched is None or any(region.closed for region in tx.regions):
+            if touched is None or tx.maps_closed_region():
                 checked = (target if touched is None
                            else (entry for iova, end in touched for entry in target.tree.overlapping(iova, end)))
                 for entry in checked:
                     if entry.region.closed:
                         raise self._refuse("IOTLB commit", f"{entry} points into a closed region")
             work = plan_change(space.units, target, touched)
-            atomic = self.atomic_batches  # a set_map parent never sees the gap between an INVALIDATE and an UPDATE
+            batching = self.batching
+            atomic = self._atomic(batching)  # a set_map parent never sees the gap between INVALIDATE and UPDATE
             window = unmapped_meanwhile(space.units, work, target) if work.invalidate and not atomic else ()
             suspend = bool(window) and self._suspend_for(tx, window)
-            self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate), update=len(work.update),
-                            entries=len(target), window=len(window),
-                            path="batch" if atomic else "suspended" if suspend else "at once")
-            if space.needs_emptying and not work:
+            if self._debug:  # the event's fields cost more than the rest of a one-mapping commit's logic
+                self._log.debug("iotlb.commit", asid=tx.asid, invalidate=len(work.invalidate),
+                                update=len(work.update), entries=len(target), window=len(window),
+                                path="batch" if atomic else "suspended" if suspend else "at once")
+            if work.invalidate or work.update:
+                if suspend:
+                    with self._suspended():
+                        self._run(tx.asid, space, work, undo_to=space.units, batching=batching)
+                        # Sent: a RESUME refused after this leaves the map booked as the kernel holds it.
+                        space.view, space.in_step = target, True
+                else:
+                    self._run(tx.asid, space, work, undo_to=space.units, batching=batching)
+            elif space.needs_emptying:
                 self._empty_device_map(tx.asid, space)  # left over from a reset whose emptying failed
-            if work:
-                with self._suspended() if suspend else nullcontext():
-                    self._run(tx.asid, space, work, undo_to=space.units)
-                    # Sent: a RESUME refused after this leaves the map booked as the kernel holds it.
-                    space.view, space.in_step = target, True
             space.view = target
             space.in_step = True  # all that was needed landed: the kernel translates as the view
             return work
@@ -494,7 +505,8 @@ class DeviceIotlb:
         if add_mapper is not None:
             add_mapper(self)
 
-    def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: MappingTree | None = None) -> None:
+    def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: MappingTree | None = None,
+             batching: bool | None = None) -> None:
         """Send `work` for one address space, inside one batch when batches are acked.
 
         BATCH_BEGIN, the work and BATCH_END go to the kernel in one write
@@ -503,8 +515,10 @@ class DeviceIotlb:
         brought back to it in the same batch, so a batching device never sees
         the half-way map.
         """
-        self._end_batch()  # one the kernel did not see end, if any
-        batching = self.batching
+        if self._open_batch is not None:
+            self._end_batch()  # one the kernel did not see end
+        if batching is None:
+            batching = self.batching
         was_initial, space.initial = space.initial, False  # from here on only a reset brings it back
         space.in_step = False  # until the caller knows the whole change landed
         end_refused = None
@@ -557,25 +571,34 @@ class DeviceIotlb:
             # A refusal before the loop (InvalidArgument) took nothing: its first message is the one told refused.
             self._book(space, work, batch, getattr(error, "accepted", 0), error)
             raise
-        self._book(space, work, batch, len(batch))
+        self._book(space, work, batch)
 
-    def _book(self, space: _Space, work: Plan, batch: IotlbBatch, accepted: int,
+    def _book(self, space: _Space, work: Plan, batch: IotlbBatch, accepted: int | None = None,
               error: Exception | None = None) -> None:
-        """The kernel took the first `accepted` messages of `batch` (sending `work`), then refused `error`'s."""
-        if batch.begin and accepted:
-            self._open_batch = batch.asid
-        landed = max(accepted - batch.begin, 0)
-        if landed >= len(work):
-            space.units = work.units  # what the kernel holds once it took all of the work
-        else:  # message by message, as the kernel took them
-            units = space.units
-            for iova, size in work.invalidate[:landed]:
-                units = after_invalidate(units, iova, size)
-            for unit in work.update[:max(landed - len(work.invalidate), 0)]:
-                units = after_update(units, unit)
-            space.units = units
-        if batch.end and accepted == len(batch):
-            self._open_batch = None
+        """The kernel took the first `accepted` messages of `batch` (sending `work`; None: all of them),
+        then refused `error`'s."""
+        if accepted is None:  # the common case, told apart at once: it is every commit's
+            space.units = work.units
+            if batch.end:
+                self._open_batch = None
+            elif batch.begin:
+                self._open_batch = batch.asid
+            accepted = len(batch) if self._recorders else 0
+        else:
+            if batch.begin and accepted:
+                self._open_batch = batch.asid
+            landed = max(accepted - batch.begin, 0)
+            if landed >= len(work):
+                space.units = work.units  # what the kernel holds once it took all of the work
+            else:  # message by message, as the kernel took them
+                units = space.units
+                for iova, size in work.invalidate[:landed]:
+                    units = after_invalidate(units, iova, size)
+                for unit in work.update[:max(landed - len(work.invalidate), 0)]:
+                    units = after_update(units, unit)
+                space.units = units
+            if batch.end and accepted == len(batch):
+                self._open_batch = None
         if self._recorders:  # the trace costs nothing while nobody records
             messages = batch.messages()
             for message in messages[:accepted]:
@@ -680,6 +703,12 @@ class Transaction:
         self._ops.append(op)
         self.touched.append((iova, iova + size))
         return self
+
+    def maps_closed_region(self) -> bool:
+        for region in self.regions:
+            if region.closed:
+                return True
+        return False
 
     def _replay_onto(self, current: AddressMap) -> AddressMap:
         for op in self._ops:

@@ -128,6 +128,8 @@ class MemoryRegion:
 
         Waits for a close() in progress, so a mapper that adds itself and then
         finds the region open knows close() will ask it."""
+        if mapper in self._mappers:
+            return  # asked already by any close() to come (a commit checks `closed` under its own lock)
         with self._closing:
             self._mappers.add(mapper)
 

@@ -141,6 +141,8 @@ def plan(units: Iterable[Mapping], target: AddressMap,
         return _plan_near(units, target, touched)
     if not units:  # a first commit: every entry is one UPDATE, and the kernel then holds the entries
         return Plan((), tuple(target), target.tree)
+    if not target:  # everything unmapped: every unit goes, one INVALIDATE per run
+        return Plan(_runs((unit, False) for unit in units), (), MappingTree())
     flags = _kept_flags(units, target)
     kept = [unit for unit, keep in flags if keep]
     update = tuple(target.without(kept))
