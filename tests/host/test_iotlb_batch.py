@@ -49,6 +49,13 @@ def test_the_bulk_check_finds_what_each_message_would(batch, window):
 def test_a_value_that_fits_no_field_is_named():
     with pytest.raises(CodecError, match="size=.* does not fit in 64 bits"):
         IotlbBatch(0, [], [(0, 1 << 64, 0, Access.RW)]).problem_for_write()
+    for asid in (-1, 1 << 32):
+        with pytest.raises(CodecError, match="asid=.* does not fit in 32 bits"):
+            IotlbBatch(asid, [(0, 0x1000)]).problem_for_write()
+    with pytest.raises(CodecError, match="perm=300"):
+        IotlbBatch(0, [], [(0, 0x1000, 0, 300)]).pack()
+    with pytest.raises(CodecError, match="each UPDATE \\(iova, size, uaddr, perm\\)"):
+        IotlbBatch(0, [], [(0, 0x1000, 0)]).problem_for_write()
 
 
 def test_of_refuses_what_is_not_a_batch():

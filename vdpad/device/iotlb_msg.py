@@ -209,12 +209,13 @@ class IotlbBatch:
 
     def flat(self) -> tuple[array, array]:
         """The INVALIDATE (iova, size) pairs and the UPDATE (iova, size, uaddr, perm) quads, each run into
-        one array of u64 as the C side takes them; made once per batch. OverflowError for a value no u64 holds."""
-        flat = self.__dict__.get("_flat")
-        if flat is None:
-            flat = array("Q", chain.from_iterable(self.invalidate)), array("Q", chain.from_iterable(self.update))
-            self.__dict__["_flat"] = flat  # a cache, not a field: the batch stays the same value
-        return flat
+        one array of u64 as the C side takes them. CodecError for a row of the wrong shape, OverflowError
+        for a value no u64 holds."""
+        invalidate = array("Q", chain.from_iterable(self.invalidate))
+        update = array("Q", chain.from_iterable(self.update))
+        if len(invalidate) != 2 * len(self.invalidate) or len(update) != 4 * len(self.update):
+            raise CodecError("each INVALIDATE is (iova, size) and each UPDATE (iova, size, uaddr, perm)")
+        return invalidate, update
 
     def problem_for_write(self, window: tuple[int, int] = (0, U64)) -> tuple[int, str] | None:
         """(index, problem) of the first message the kernel would refuse when written, or None.
@@ -225,6 +226,8 @@ class IotlbBatch:
         its field raises CodecError as building that message would.
         """
         first, last = window
+        if not 0 <= self.asid <= U32:
+            self.messages()  # names it (CodecError)
         try:
             invalidate, update = self.flat()
             found = lib.vdpad_iotlb_check(as_u64s(invalidate), len(self.invalidate), as_u64s(update), len(self.update),
@@ -244,6 +247,8 @@ class IotlbBatch:
         out = ffi.new("char[]", len(self) * version.size)
         try:
             invalidate, update = self.flat()
+            if update and max(update[3::4]) > 0xFF:  # the field is a byte: a wider value is named, not cut
+                raise OverflowError
             lib.vdpad_iotlb_pack(version, self.asid, self.begin, self.end, as_u64s(invalidate), len(self.invalidate),
                                  as_u64s(update), len(self.update), out)
         except OverflowError:

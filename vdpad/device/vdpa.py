@@ -168,9 +168,9 @@ class VhostVdpa(VhostFd):
     def _iotlb_window(self, op: str, asid: int) -> tuple[int, int]:
         limits = self._shape.get("iotlb_limits")  # asked on every write: one lookup once known
         if limits is None:
+            spaces = self._known("address_spaces", self.get_as_num)
             window = self._known("iova_range", self.get_iova_range)
-            limits = self._remember("iotlb_limits", (self._known("address_spaces", self.get_as_num),
-                                                     (window.first, window.last)))
+            limits = self._remember("iotlb_limits", (spaces, (window.first, window.last)))
         spaces, window = limits
         if asid >= spaces:
             self._refuse(op, f"asid={asid} is out of range: the device has {spaces} address spaces")

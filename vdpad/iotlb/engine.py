@@ -153,6 +153,7 @@ class DeviceIotlb:
         self._recorders: list[Callable[[Written], None]] = []
         self._lock = threading.RLock()
         self._open_batch: int | None = None  # the ASID of a batch the kernel did not see end
+        self._unguarded = False  # a region without add_mapper was mapped here
         self._log = log.bind(device=dev.path)  # its level is bound now, as a device's logger is
         self._debug = debug_enabled(self._log)
         self._log.debug("iotlb.open", acked=str(self.acked), as_num=self.as_num, groups=self.group_num,
@@ -429,9 +430,10 @@ class DeviceIotlb:
             # Other commits may have landed since tx began: its operations then apply to the map they left.
             target = tx.pending if space.view is tx.base else tx._replay_onto(space.view)
             # In step, every entry of the current map is held by kernel units, and a region the kernel
-            # maps refuses to close: only what the transaction's own operations map can be closed.
+            # maps refuses to close (when it can be told, add_mapper): then only what the transaction's
+            # own operations map can be closed.
             touched = tx.touched if space.in_step else None
-            if touched is None or tx.maps_closed_region():
+            if touched is None or self._unguarded or tx.maps_closed_region():
                 checked = (target if touched is None
                            else (entry for iova, end in touched for entry in target.tree.overlapping(iova, end)))
                 for entry in checked:
@@ -504,6 +506,8 @@ class DeviceIotlb:
         add_mapper = getattr(region, "add_mapper", None)
         if add_mapper is not None:
             add_mapper(self)
+        else:
+            self._unguarded = True  # a region that may close while mapped: commits check every touched entry
 
     def _run(self, asid: int, space: _Space, work: Plan, *, undo_to: MappingTree | None = None,
              batching: bool | None = None) -> None:
