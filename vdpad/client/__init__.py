@@ -75,7 +75,12 @@ class Client:
         try:
             got = wire.receive(self._sock)
         except ConnectionResetError:
-            got = None
+            # The daemon hung up with our request unread: Linux tells that first (ECONNRESET, once),
+            # and the reply it left before hanging up (a refusal) is still queued behind it.
+            try:
+                got = wire.receive(self._sock)
+            except ConnectionResetError:
+                got = None
         if got is None:
             raise DaemonUnavailable(0, f"the daemon on {self.path} closed the connection")
         reply, passed = got

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import select
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +21,11 @@ _READ_SIZE = max(Version.V1.size, Version.V2.size)
 _MSG_V2, _ASID, _BATCH = map(int, (BackendFeature.IOTLB_MSG_V2, BackendFeature.IOTLB_ASID, BackendFeature.IOTLB_BATCH))
 
 
+def _version(acked: int) -> Version:
+    """The framing the fd takes, from its acked backend features as an int (asked on every write)."""
+    return Version.V2 if acked & _MSG_V2 else Version.V1
+
+
 def _fields(message: IotlbMessage) -> dict[str, object]:
     return dict(type=message.type.name, iova=message.iova, size=message.size,
                 uaddr=message.uaddr, perm=message.perm.name, asid=message.asid)
@@ -30,7 +36,7 @@ class IotlbWriter(Features):
 
     @property
     def iotlb_version(self) -> Version:
-        return Version.V2 if int(self.acked_backend_features) & _MSG_V2 else Version.V1
+        return _version(int(self.acked_backend_features))
 
     def _iotlb_window(self, op: str, asid: int) -> tuple[int, int]:
         """The (first, last) IOVA UPDATEs to address space `asid` may use, refusing an asid the device lacks."""
@@ -75,33 +81,43 @@ class IotlbWriter(Features):
         IotlbWriteError for the refused message, `.accepted` telling how many
         before it the kernel took (and holds).
         """
+        try:
+            invalidate, update = batch.flat()
+        except OverflowError:  # a value no field holds: the codec names it (CodecError)
+            batch.problem_for_write()
+            raise
+        return self.write_iotlb_ranges(batch.asid, invalidate, update, begin=batch.begin, end=batch.end)
+
+    def write_iotlb_ranges(self, asid: int, invalidate: array, update: array, *,
+                           begin: bool = False, end: bool = False) -> int:
+        """write_iotlb_batch for the batch whose flat arrays (IotlbBatch.flat) these are: a commit's
+        messages come this way, an IotlbBatch made only to name a refused message or to trace."""
         op = "IOTLB batch"
-        asid = batch.asid
-        begin, end = batch.begin, batch.end
-        if asid or begin or end:
+        acked = int(self.acked_backend_features)
+        if (asid and not acked & _ASID) or ((begin or end) and not acked & _BATCH):
             self._check_bracket(op, asid, bracket=MessageType.BATCH_BEGIN if begin
                                 else MessageType.BATCH_END if end else None)
         window = first, last = self._iotlb_window(op, asid)
-        version = self.iotlb_version
-        version.check_asid(asid)
+        version = _version(acked)
+        if asid:
+            version.check_asid(asid)
         error = ffi.new("int *")
         try:
-            invalidate, update = batch.flat()
             with self._owned.use() as fd:
                 # SAFETY: the arrays hold their pairs and quads, alive for the call; the C side
                 # checks every message before writing any, and writes each one whole.
                 taken = lib.vdpad_iotlb_write(fd, version, asid, begin, end, as_u64s(invalidate),
                                               len(invalidate) >> 1, as_u64s(update), len(update) >> 2,
                                               first, last, error)
-        except OverflowError:  # a value no field holds: the codec names it (CodecError)
-            batch.problem_for_write(window)
+        except OverflowError:  # an asid beyond 32 bits: the codec names it (CodecError)
+            IotlbBatch.of_flat(asid, invalidate, update, begin, end).problem_for_write(window)
             raise
         refused = error[0]
         if refused < 0:
-            index, problem = batch.problem_for_write(window)
+            index, problem = IotlbBatch.of_flat(asid, invalidate, update, begin, end).problem_for_write(window)
             self._refuse(op, f"message {index}: {problem}")
         if refused or self._debug:
-            messages = batch.messages()
+            messages = IotlbBatch.of_flat(asid, invalidate, update, begin, end).messages()
             for message in messages[:taken]:
                 self._log.debug("iotlb.write", version=version.name, **_fields(message))
         if refused:

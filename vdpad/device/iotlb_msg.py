@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -169,6 +169,12 @@ class IotlbMessage:
                    msg.asid if version is Version.V2 else 0)
 
 
+def flatten(invalidate: Iterable[tuple[int, int]], update: Iterable[tuple[int, int, int, int]]) -> tuple[array, array]:
+    """(iova, size) pairs and (iova, size, uaddr, perm) quads run into two arrays of u64 (OverflowError for a
+    value no u64 holds): the form the C side takes a batch in."""
+    return array("Q", chain.from_iterable(invalidate)), array("Q", chain.from_iterable(update))
+
+
 def as_u64s(values: array):
     """An array('Q') as the C side's uint64_t *, without a copy."""
     return ffi.from_buffer("uint64_t[]", values)
@@ -211,11 +217,16 @@ class IotlbBatch:
         """The INVALIDATE (iova, size) pairs and the UPDATE (iova, size, uaddr, perm) quads, each run into
         one array of u64 as the C side takes them. CodecError for a row of the wrong shape, OverflowError
         for a value no u64 holds."""
-        invalidate = array("Q", chain.from_iterable(self.invalidate))
-        update = array("Q", chain.from_iterable(self.update))
+        invalidate, update = flatten(self.invalidate, self.update)
         if len(invalidate) != 2 * len(self.invalidate) or len(update) != 4 * len(self.update):
             raise CodecError("each INVALIDATE is (iova, size) and each UPDATE (iova, size, uaddr, perm)")
         return invalidate, update
+
+    @classmethod
+    def of_flat(cls, asid: int, invalidate: array, update: array, begin: bool, end: bool) -> IotlbBatch:
+        """The batch whose flat arrays (flat()) these are."""
+        return cls(asid, list(zip(invalidate[::2], invalidate[1::2])),
+                   list(zip(update[::4], update[1::4], update[2::4], update[3::4])), begin, end)
 
     def problem_for_write(self, window: tuple[int, int] = (0, U64)) -> tuple[int, str] | None:
         """(index, problem) of the first message the kernel would refuse when written, or None.

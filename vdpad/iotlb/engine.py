@@ -16,7 +16,7 @@ import trio
 
 from vdpad.device.errors import InvalidArgument, NotSupportedError, VhostError
 from vdpad.device.flags import BackendFeature, DeviceStatus, describe
-from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType
+from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType, flatten
 from vdpad.device.vdpa import IovaRange, VhostVdpa
 from vdpad.iotlb.memory import PAGE_SIZE, MemoryRegion
 from vdpad.iotlb.plan import (
@@ -248,14 +248,10 @@ class DeviceIotlb:
     def map(self, asid: int, iova: int, region: Memory, offset: int, size: int,
             perm: Access = Access.RW) -> Plan:
         """A one-operation transaction; returns what was sent."""
-        with self.transaction(asid) as tx:
-            tx.map(iova, region, offset, size, perm)
-        return tx.sent
+        return Transaction(self, asid).map(iova, region, offset, size, perm).commit()
 
     def unmap(self, asid: int, iova: int, size: int) -> Plan:
-        with self.transaction(asid) as tx:
-            tx.unmap(iova, size)
-        return tx.sent
+        return Transaction(self, asid).unmap(iova, size).commit()
 
     def set_group_asid(self, group: int, asid: int) -> None:
         """Make the vqs of `group` use address space `asid` (kept across reset())."""
@@ -408,14 +404,16 @@ class DeviceIotlb:
                 perm = None
         if perm not in VALID_PERMS:
             raise self._refuse(op, f"perm must be RO, WO or RW, not {perm!r}")
-        for attribute in ("address", "size", "closed"):
-            if not hasattr(region, attribute):
-                raise self._refuse(op, f"{region!r} is not a memory region (no {attribute})")
-        if region.closed:
+        try:
+            closed, region_size = region.closed, region.size
+            region.address  # noqa: B018 - a mapping reads it: a region without one is refused here
+        except AttributeError as missing:
+            raise self._refuse(op, f"{region!r} is not a memory region (no {missing.name})") from None
+        if closed:
             raise self._refuse(op, f"{region!r} is closed")
         if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
             raise self._refuse(op, f"offset={offset!r} is not a page-aligned offset (page size {PAGE_SIZE:#x})")
-        if offset + size > region.size:
+        if offset + size > region_size:
             raise self._refuse(op, f"offset {offset:#x} + size {size:#x} runs past the end of {region!r}")
         return Mapping(iova, size, region, offset, perm)
 
@@ -568,46 +566,45 @@ class DeviceIotlb:
 
     def _send(self, asid: int, space: _Space, work: Plan, *, begin: bool = False, end: bool = False) -> None:
         """Write `work` (after BATCH_BEGIN, before BATCH_END, when asked) by one write loop; book what landed."""
-        batch = IotlbBatch(asid, work.invalidate, list(map(_UPDATE_ROW, work.update)), begin=begin, end=end)
+        invalidate, update = flatten(work.invalidate, map(_UPDATE_ROW, work.update))
         try:
-            self.dev.write_iotlb_batch(batch)
+            self.dev.write_iotlb_ranges(asid, invalidate, update, begin=begin, end=end)
         except REFUSED as error:
             # A refusal before the loop (InvalidArgument) took nothing: its first message is the one told refused.
-            self._book(space, work, batch, getattr(error, "accepted", 0), error)
+            self._book_part(space, work, IotlbBatch.of_flat(asid, invalidate, update, begin, end),
+                            getattr(error, "accepted", 0), error)
             raise
-        self._book(space, work, batch)
-
-    def _book(self, space: _Space, work: Plan, batch: IotlbBatch, accepted: int | None = None,
-              error: Exception | None = None) -> None:
-        """The kernel took the first `accepted` messages of `batch` (sending `work`; None: all of them),
-        then refused `error`'s."""
-        if accepted is None:  # the common case, told apart at once: it is every commit's
-            space.units = work.units
-            if batch.end:
-                self._open_batch = None
-            elif batch.begin:
-                self._open_batch = batch.asid
-            accepted = len(batch) if self._recorders else 0
-        else:
-            if batch.begin and accepted:
-                self._open_batch = batch.asid
-            landed = max(accepted - batch.begin, 0)
-            if landed >= len(work):
-                space.units = work.units  # what the kernel holds once it took all of the work
-            else:  # message by message, as the kernel took them
-                units = space.units
-                for iova, size in work.invalidate[:landed]:
-                    units = after_invalidate(units, iova, size)
-                for unit in work.update[:max(landed - len(work.invalidate), 0)]:
-                    units = after_update(units, unit)
-                space.units = units
-            if batch.end and accepted == len(batch):
-                self._open_batch = None
+        # All of it landed: the kernel holds the work's units, and a batch that began is open until it ends.
+        space.units = work.units
+        if end:
+            self._open_batch = None
+        elif begin:
+            self._open_batch = asid
         if self._recorders:  # the trace costs nothing while nobody records
+            for message in IotlbBatch.of_flat(asid, invalidate, update, begin, end).messages():
+                self._tell(Written(message))
+
+    def _book_part(self, space: _Space, work: Plan, batch: IotlbBatch, accepted: int, error: Exception) -> None:
+        """The kernel took the first `accepted` messages of `batch` (sending `work`), then refused `error`'s."""
+        if batch.begin and accepted:
+            self._open_batch = batch.asid
+        landed = max(accepted - batch.begin, 0)
+        if landed >= len(work):
+            space.units = work.units  # what the kernel holds once it took all of the work
+        else:  # message by message, as the kernel took them
+            units = space.units
+            for iova, size in work.invalidate[:landed]:
+                units = after_invalidate(units, iova, size)
+            for unit in work.update[:max(landed - len(work.invalidate), 0)]:
+                units = after_update(units, unit)
+            space.units = units
+        if batch.end and accepted == len(batch):
+            self._open_batch = None
+        if self._recorders:
             messages = batch.messages()
             for message in messages[:accepted]:
                 self._tell(Written(message))
-            if error is not None and accepted < len(messages):
+            if accepted < len(messages):
                 self._tell(Written(messages[accepted], error))
 
     def _write(self, message: IotlbMessage) -> None:
@@ -653,7 +650,8 @@ class Transaction:
     """
 
     def __init__(self, iotlb: DeviceIotlb, asid: int = 0, *, allow_window: bool = False):
-        iotlb._check_asid("IOTLB transaction", asid)
+        if not (isinstance(asid, int) and 0 <= asid < iotlb.as_num):
+            iotlb._check_asid("IOTLB transaction", asid)
         self._iotlb, self.asid = iotlb, asid
         # On a parent that applies each message at once, a running device without SUSPEND
         # may see bytes that stay mapped go missing for an instant; refused unless allowed.

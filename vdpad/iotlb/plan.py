@@ -36,20 +36,18 @@ from vdpad.iotlb.space import AddressMap, Mapping
 from vdpad.iotlb.tree import MappingTree
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Plan:
-    """INVALIDATE ranges, then UPDATEs, and the units the kernel holds afterwards.
-
-    `units` may be given as any iterable of units; it is kept as a MappingTree
-    (which reads like, and equals, the tuple of the units in IOVA order).
-    """
+    """INVALIDATE ranges, then UPDATEs, and the units the kernel holds afterwards
+    (a MappingTree: it reads like, and equals, the tuple of the units in IOVA order)."""
 
     invalidate: tuple[tuple[int, int], ...]  # (iova, size)
     update: tuple[Mapping, ...]
     units: MappingTree
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "units", MappingTree.of(self.units))
+    def __init__(self, invalidate: tuple[tuple[int, int], ...], update: tuple[Mapping, ...], units: MappingTree):
+        # One dict update, not a __setattr__ per field: every commit makes one.
+        self.__dict__.update(invalidate=invalidate, update=update, units=units)
 
     def __bool__(self) -> bool:
         return bool(self.invalidate or self.update)
@@ -137,12 +135,12 @@ def plan(units: Iterable[Mapping], target: AddressMap,
     of them, and the plan is the one the full comparison gives.
     """
     units = MappingTree.of(units)
-    if touched is not None and NEAR_SHARE * len(touched) <= len(units) + len(target):
-        return _plan_near(units, target, touched)
     if not units:  # a first commit: every entry is one UPDATE, and the kernel then holds the entries
         return Plan((), tuple(target), target.tree)
     if not target:  # everything unmapped: every unit goes, one INVALIDATE per run
         return Plan(_runs((unit, False) for unit in units), (), MappingTree())
+    if touched is not None and NEAR_SHARE * len(touched) <= len(units) + len(target):
+        return _plan_near(units, target, touched)
     flags = _kept_flags(units, target)
     kept = [unit for unit, keep in flags if keep]
     update = tuple(target.without(kept))
@@ -182,7 +180,7 @@ def _spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 def _plan_near(units: MappingTree, target: AddressMap, touched: Sequence[tuple[int, int]]) -> Plan:
     # Outside the touched ranges every unit still translates as wanted, so it is kept, and
     # every byte target maps there is covered by one. Only units that meet a touched range can go.
-    spans = _spans(touched)
+    spans = _spans(touched) if len(touched) > 1 else touched
     near: list[Mapping] = []
     for start, end in spans:
         for unit in units.overlapping(start, end):

@@ -187,14 +187,14 @@ class AddressMap:
     def mapped(self, mapping: Mapping) -> AddressMap:
         if mapping.size <= 0:
             raise ValueError(f"{mapping} has no size")
-        # Entries never overlap: only the last one starting before the mapping's end can reach into it.
-        clash = self._tree.floor(mapping.end - 1)
-        if clash is not None and clash.end > mapping.iova:
-            raise OverlapError(f"{describe_range(mapping.iova, mapping.size)} overlaps {clash}, "
+        # Entries never overlap: only the last one starting before the mapping's end can reach into it;
+        # when it does not, it is the entry before the mapping (if any).
+        before = self._tree.floor(mapping.end - 1)
+        if before is not None and before.end > mapping.iova:
+            raise OverlapError(f"{describe_range(mapping.iova, mapping.size)} overlaps {before}, "
                                "which is mapped already (unmap it first)")
         tree = self._tree
         # Normalised: a neighbour that the new mapping continues (or that continues it) becomes one with it.
-        before = tree.floor(mapping.iova - 1)
         if before is not None and before.continued_by(mapping):
             tree = tree.removed(before)
             mapping = Mapping(before.iova, before.size + mapping.size, before.region, before.offset, before.perm)

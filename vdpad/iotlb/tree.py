@@ -150,7 +150,10 @@ class MappingTree:
 
     # -- reading ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[Mapping]:
-        return _walk(self._root) if self._root is not None else iter(())
+        root = self._root
+        if root is None:
+            return iter(())
+        return iter(root.items) if root.leaf else _walk(root)  # a small map is one leaf: no generators
 
     def __len__(self) -> int:
         return self._root.count if self._root is not None else 0
