@@ -18,7 +18,7 @@ from tests.service import VDPAD, running_daemon
 from vdpad.client import Client, DaemonUnavailable
 from vdpad.service import wire
 from vdpad.service.config import Config
-from vdpad.service.protocol import MAX_MESSAGE, VERSION, ProtocolError
+from vdpad.service.protocol import MAX_MESSAGE, VERSION, ProtocolError, RemoteError
 from vdpad.service.server import OPS, Daemon
 
 
@@ -212,3 +212,26 @@ def test_a_reply_over_the_limit_becomes_a_protocol_error_and_the_client_stays():
         del OPS["test.huge"]
     assert too_big["error"]["kind"] == "protocol" and "over the limit" in too_big["error"]["message"]
     assert after["ok"] and after["result"]["version"] == VERSION  # the same connection goes on
+
+
+def test_a_refusal_left_before_the_daemon_hung_up_is_read_after_the_reset(tmp_path, monkeypatch):
+    """The daemon answers a refused peer and hangs up; when the peer's request lands unread first, Linux
+    tells the peer ECONNRESET before the queued answer, and the client reads on to the refusal."""
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        with Client(path) as client:
+            daemon_side, _ = listener.accept()
+            wire.send(daemon_side, {"v": VERSION, "id": None, "ok": False,
+                                    "error": {"kind": "unauthorized", "message": "uid 65534 may not use vdpad"}})
+            send = wire.send
+
+            def send_then_hang_up(sock, message, fds=()):
+                send(sock, message, fds)
+                daemon_side.close()  # the request unread: the client's next receive meets ECONNRESET first
+
+            monkeypatch.setattr(wire, "send", send_then_hang_up)
+            with pytest.raises(RemoteError, match="uid 65534 may not use vdpad") as refused:
+                client.call("hello")
+            assert refused.value.kind == "unauthorized"
