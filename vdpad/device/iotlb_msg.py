@@ -172,7 +172,8 @@ class IotlbMessage:
 def flatten(invalidate: Iterable[tuple[int, int]], update: Iterable[tuple[int, int, int, int]]) -> tuple[array, array]:
     """(iova, size) pairs and (iova, size, uaddr, perm) quads run into two arrays of u64 (OverflowError for a
     value no u64 holds): the form the C side takes a batch in."""
-    return array("Q", chain.from_iterable(invalidate)), array("Q", chain.from_iterable(update))
+    return (array("Q", chain.from_iterable(invalidate)) if invalidate else array("Q"),
+            array("Q", chain.from_iterable(update)) if update else array("Q"))
 
 
 def as_u64s(values: array):

@@ -566,7 +566,7 @@ class DeviceIotlb:
 
     def _send(self, asid: int, space: _Space, work: Plan, *, begin: bool = False, end: bool = False) -> None:
         """Write `work` (after BATCH_BEGIN, before BATCH_END, when asked) by one write loop; book what landed."""
-        invalidate, update = flatten(work.invalidate, map(_UPDATE_ROW, work.update))
+        invalidate, update = flatten(work.invalidate, map(_UPDATE_ROW, work.update) if work.update else ())
         try:
             self.dev.write_iotlb_ranges(asid, invalidate, update, begin=begin, end=end)
         except REFUSED as error:
@@ -696,10 +696,11 @@ class Transaction:
         self._iotlb._check_range("IOTLB unmap", iova, size)
 
         def op(current: AddressMap) -> AddressMap:
-            if not current.overlapping(iova, size):
+            after = current.unmapped(iova, size)
+            if after is current:  # nothing was mapped there
                 raise self._iotlb._refuse("IOTLB unmap", f"nothing is mapped in {describe_range(iova, size)} "
                                                          f"of AS {self.asid}")
-            return current.unmapped(iova, size)
+            return after
 
         self._pending = op(self._pending)
         self._ops.append(op)

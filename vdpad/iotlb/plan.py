@@ -136,9 +136,9 @@ def plan(units: Iterable[Mapping], target: AddressMap,
     """
     units = MappingTree.of(units)
     if not units:  # a first commit: every entry is one UPDATE, and the kernel then holds the entries
-        return Plan((), tuple(target), target.tree)
-    if not target:  # everything unmapped: every unit goes, one INVALIDATE per run
-        return Plan(_runs((unit, False) for unit in units), (), MappingTree())
+        return Plan((), tuple(target.tree), target.tree)
+    if not target.tree:  # everything unmapped: every unit goes, in one INVALIDATE (no kept unit between)
+        return Plan((_range(next(iter(units)).iova, units.floor(U64).end),), (), target.tree)
     if touched is not None and NEAR_SHARE * len(touched) <= len(units) + len(target):
         return _plan_near(units, target, touched)
     flags = _kept_flags(units, target)

@@ -205,7 +205,8 @@ class AddressMap:
         return AddressMap._of(tree.inserted(mapping))
 
     def unmapped(self, iova: int, size: int) -> AddressMap:
-        """This map without [iova, iova + size); entries partly inside keep their outer parts."""
+        """This map without [iova, iova + size); entries partly inside keep their outer parts.
+        The map itself when nothing is mapped there."""
         end = iova + size
         cut = self._tree.overlapping(iova, end)
         if not cut:
