@@ -23,13 +23,14 @@ import json
 import platform
 import random
 import sys
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.bench.common import timed
 from vdpad.device import MessageType
 from vdpad.device.flags import BackendFeature, DeviceStatus
-from vdpad.device.iotlb_msg import IotlbBatch, IotlbMessage
+from vdpad.device.iotlb_msg import IotlbMessage
 from vdpad.device.vdpa import IovaRange
 from vdpad.iotlb import PAGE_SIZE, AddressMap, DeviceIotlb, Mapping, MemoryRegion, Perm
 from vdpad.iotlb.engine import BASE_FEATURES
@@ -74,12 +75,13 @@ class BenchDevice:
     def write_iotlb(self, message: IotlbMessage) -> None:
         self.written[message.type] += 1
 
-    def write_iotlb_batch(self, batch: IotlbBatch) -> int:
-        self.written[MessageType.BATCH_BEGIN] += batch.begin
-        self.written[MessageType.INVALIDATE] += len(batch.invalidate)
-        self.written[MessageType.UPDATE] += len(batch.update)
-        self.written[MessageType.BATCH_END] += batch.end
-        return len(batch)
+    def write_iotlb_ranges(self, asid: int, invalidate: array, update: array, *, begin: bool = False,
+                           end: bool = False) -> int:
+        self.written[MessageType.BATCH_BEGIN] += begin
+        self.written[MessageType.INVALIDATE] += len(invalidate) // 2
+        self.written[MessageType.UPDATE] += len(update) // 4
+        self.written[MessageType.BATCH_END] += end
+        return begin + len(invalidate) // 2 + len(update) // 4 + end
 
 
 def best_of(runs: int, work: Callable[[], object]) -> float:
