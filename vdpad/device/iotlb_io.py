@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import select
 from array import array
@@ -176,14 +177,16 @@ class IotlbChannel:
     def __init__(self, fd: int, version: Version, path: str, trace):
         self.fd, self.version, self.path, self._trace = fd, version, path, trace
         self._size = version.size
-        unpack, pack, word = version.layout.unpack, version.layout.pack, int(version)
+        unpack, word = version.layout.unpack, int(version)
         if version is Version.V2:
             self._fields = lambda data: unpack(data)[2:]
-            # Arguments spelt out: cheaper than splatting a head tuple, on the path every answer takes.
-            message = lambda iova, size, uaddr, perm, kind: pack(word, 0, iova, size, uaddr, perm, kind)  # noqa: E731
+            head = (word, 0)  # the version word and asid 0
         else:
             self._fields = lambda data: unpack(data)[1:]
-            message = lambda iova, size, uaddr, perm, kind: pack(word, iova, size, uaddr, perm, kind)  # noqa: E731
+            head = (word,)
+        # (iova, size, uaddr, perm, type) -> the message: a partial is called in C, no Python frame on the
+        # path every answer takes.
+        message = functools.partial(version.layout.pack, *head)
 
         kind = self.UPDATE
 
