@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from operator import attrgetter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TypeVar
 
 import structlog
