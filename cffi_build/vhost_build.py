@@ -258,15 +258,21 @@ static size_t vdpad_iotlb_frame(union vdpad_iotlb_frame *frame, unsigned int ver
     return version == VHOST_IOTLB_MSG_V2 ? sizeof(frame->v2) : sizeof(frame->v1);
 }
 
-/* The body's message `i` (INVALIDATEs, then UPDATEs) framed; returns its size. */
-static size_t vdpad_iotlb_body(union vdpad_iotlb_frame *frame, unsigned int version, uint32_t asid,
-                               const uint64_t *invalidate, size_t invalidated, const uint64_t *update, size_t i)
+/* Message `i` of the batch framed: BATCH_BEGIN (when `begin`), the INVALIDATEs, the UPDATEs,
+ * BATCH_END (when `end`), in that order. Returns its size. */
+static size_t vdpad_iotlb_message(union vdpad_iotlb_frame *frame, unsigned int version, uint32_t asid, int begin,
+                                  const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
+                                  size_t updated, size_t i)
 {
     const uint64_t *u;
 
+    if (begin && i-- == 0)
+        return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_BATCH_BEGIN, 0, 0, 0, 0);
     if (i < invalidated)
         return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_INVALIDATE, invalidate[2 * i],
                                  invalidate[2 * i + 1], 0, 0);
+    if (i - invalidated >= updated)  /* past the body: the batch's end */
+        return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_BATCH_END, 0, 0, 0, 0);
     u = update + 4 * (i - invalidated);  /* iova, size, uaddr, perm */
     return vdpad_iotlb_frame(frame, version, asid, VHOST_IOTLB_UPDATE, u[0], u[1], u[2], (uint8_t)u[3]);
 }
@@ -275,23 +281,14 @@ static size_t vdpad_iotlb_pack(unsigned int version, uint32_t asid, int begin, i
                                size_t invalidated, const uint64_t *update, size_t updated, char *out)
 {
     union vdpad_iotlb_frame frame;
-    size_t i, size;
+    size_t count = !!begin + invalidated + updated + !!end, i, size;
 
-    if (begin) {
-        size = vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_BEGIN, 0, 0, 0, 0);
+    for (i = 0; i < count; i++) {
+        size = vdpad_iotlb_message(&frame, version, asid, begin, invalidate, invalidated, update, updated, i);
         memcpy(out, &frame, size);
         out += size;
     }
-    for (i = 0; i < invalidated + updated; i++) {
-        size = vdpad_iotlb_body(&frame, version, asid, invalidate, invalidated, update, i);
-        memcpy(out, &frame, size);
-        out += size;
-    }
-    if (end) {
-        size = vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_END, 0, 0, 0, 0);
-        memcpy(out, &frame, size);
-    }
-    return !!begin + invalidated + updated + !!end;
+    return count;
 }
 
 /* 0 when the kernel took the whole message, else the refusal's errno. */
@@ -313,29 +310,18 @@ static size_t vdpad_iotlb_write(int fd, unsigned int version, uint32_t asid, int
                                 size_t updated, uint64_t first, uint64_t last, int *error)
 {
     union vdpad_iotlb_frame frame;
-    size_t body = invalidated + updated, taken = 0, i;
+    size_t count = !!begin + invalidated + updated + !!end, taken, size;
 
-    i = vdpad_iotlb_check(invalidate, invalidated, update, updated, first, last);
-    if (i < body) {
+    taken = vdpad_iotlb_check(invalidate, invalidated, update, updated, first, last);
+    if (taken < invalidated + updated) {
         *error = -1;
-        return i;
+        return taken;
     }
     *error = 0;
-    if (begin) {
-        if ((*error = vdpad_write_whole(fd, &frame,
-                                        vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_BEGIN, 0, 0, 0, 0))))
-            return taken;
-        taken++;
-    }
-    for (i = 0; i < body; i++, taken++)
-        if ((*error = vdpad_write_whole(fd, &frame,
-                                        vdpad_iotlb_body(&frame, version, asid, invalidate, invalidated, update, i))))
-            return taken;
-    if (end) {
-        if ((*error = vdpad_write_whole(fd, &frame,
-                                        vdpad_iotlb_frame(&frame, version, asid, VHOST_IOTLB_BATCH_END, 0, 0, 0, 0))))
-            return taken;
-        taken++;
+    for (taken = 0; taken < count; taken++) {
+        size = vdpad_iotlb_message(&frame, version, asid, begin, invalidate, invalidated, update, updated, taken);
+        if ((*error = vdpad_write_whole(fd, &frame, size)))
+            break;
     }
     return taken;
 }
