@@ -158,12 +158,69 @@ size_t vdpad_iotlb_pack(unsigned int version, uint32_t asid, int begin, int end,
 size_t vdpad_iotlb_write(int fd, unsigned int version, uint32_t asid, int begin, int end,
                          const uint64_t *invalidate, size_t invalidated, const uint64_t *update,
                          size_t updated, uint64_t first, uint64_t last, int *error);
+
+/* Device-IOTLB misses of a vhost core device, answered in C from a table of
+ * translations that Python loads (the UPDATE quads, sorted by IOVA): read
+ * MISS, look up, write UPDATE, with no Python on the way. A miss the table
+ * cannot answer, a refused UPDATE, anything else read, and (when tracing)
+ * each answer are handed back to Python in a report. The core's mutex
+ * orders answers against what Python writes to the device; functions marked
+ * "locked" want it held by their caller. */
+#define VDPAD_MISS_STOPPED ...
+#define VDPAD_MISS_ANSWERED ...
+#define VDPAD_MISS_UNANSWERED ...
+#define VDPAD_MISS_REFUSED ...
+#define VDPAD_MISS_UNEXPECTED ...
+#define VDPAD_MISS_FAILED ...
+#define VDPAD_MISS_MALFORMED ...
+
+struct vdpad_miss_report {
+    int what;            /* VDPAD_MISS_* */
+    int error;           /* REFUSED, FAILED: errno; MALFORMED: bytes read */
+    uint32_t version;    /* the message's version word */
+    uint8_t type;        /* the message read */
+    uint8_t perm;
+    uint64_t iova;
+    uint64_t size;
+    int64_t started;     /* CLOCK_MONOTONIC ns just after it was read */
+    uint64_t update[4];  /* ANSWERED, REFUSED: the UPDATE (iova, size, uaddr, perm) */
+};
+
+struct vdpad_miss_core {
+    uint64_t served;     /* UPDATEs written for misses */
+    uint64_t timed;      /* service times taken; the latest `window` are kept */
+    size_t fresh;        /* table entries answered from since the last take */
+    int serving;         /* 0: a MISS read is dropped, unanswered */
+    ...;
+};
+
+/* A core keeping the latest `window` service times; NULL when out of memory. */
+struct vdpad_miss_core *vdpad_miss_new(size_t window);
+void vdpad_miss_free(struct vdpad_miss_core *core);
+void vdpad_miss_lock(struct vdpad_miss_core *core);
+void vdpad_miss_unlock(struct vdpad_miss_core *core);
+/* Locked: answer from these `count` quads from now on (copied); 0, or ENOMEM with the table left empty. */
+int vdpad_miss_load(struct vdpad_miss_core *core, const uint64_t *quads, size_t count);
+/* Locked: the indices of the entries answered from since the last take (each once per load) into `out`. */
+size_t vdpad_miss_take_held(struct vdpad_miss_core *core, uint32_t *out, size_t room);
+/* Locked: the latest service times (ns, MISS read to UPDATE written), oldest first. */
+size_t vdpad_miss_times(struct vdpad_miss_core *core, int64_t *out, size_t room);
+/* Read and answer misses on `fd` (non-blocking) until one needs Python or `stop_fd` is readable;
+ * `trace`: every answer is reported too. Takes the lock for each answer. */
+void vdpad_miss_serve(struct vdpad_miss_core *core, int fd, int stop_fd, uint32_t version, int trace,
+                      struct vdpad_miss_report *report);
+/* Locked: answer the miss in `report` (read by vdpad_miss_serve) from the table as it is now. */
+void vdpad_miss_answer(struct vdpad_miss_core *core, int fd, uint32_t version, struct vdpad_miss_report *report);
 """
 
 SOURCE = r"""
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/vhost.h>
@@ -324,6 +381,239 @@ static size_t vdpad_iotlb_write(int fd, unsigned int version, uint32_t asid, int
             break;
     }
     return taken;
+}
+
+enum {
+    VDPAD_MISS_STOPPED,
+    VDPAD_MISS_ANSWERED,
+    VDPAD_MISS_UNANSWERED,
+    VDPAD_MISS_REFUSED,
+    VDPAD_MISS_UNEXPECTED,
+    VDPAD_MISS_FAILED,
+    VDPAD_MISS_MALFORMED,
+};
+
+struct vdpad_miss_report {
+    int what;
+    int error;
+    uint32_t version;
+    uint8_t type;
+    uint8_t perm;
+    uint64_t iova;
+    uint64_t size;
+    int64_t started;
+    uint64_t update[4];
+};
+
+struct vdpad_miss_core {
+    uint64_t served;
+    uint64_t timed;
+    size_t fresh;
+    int serving;
+    pthread_mutex_t mutex;
+    uint64_t *table;   /* count quads: iova, size, uaddr, perm; sorted by iova, disjoint */
+    size_t count;
+    uint8_t *marked;   /* per entry: answered from since the load */
+    uint32_t *held;    /* the first `fresh` of them not yet taken */
+    int64_t *times;    /* a ring of `window` service times */
+    size_t window;
+};
+
+static int64_t vdpad_now_ns(void)
+{
+    struct timespec now;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+static struct vdpad_miss_core *vdpad_miss_new(size_t window)
+{
+    struct vdpad_miss_core *core = calloc(1, sizeof(*core));
+
+    if (core == NULL)
+        return NULL;
+    core->window = window ? window : 1;
+    core->times = calloc(core->window, sizeof(*core->times));
+    if (core->times == NULL) {
+        free(core);
+        return NULL;
+    }
+    pthread_mutex_init(&core->mutex, NULL);
+    return core;
+}
+
+static void vdpad_miss_unload(struct vdpad_miss_core *core)
+{
+    free(core->table);
+    free(core->marked);
+    free(core->held);
+    core->table = NULL;
+    core->marked = NULL;
+    core->held = NULL;
+    core->count = core->fresh = 0;
+}
+
+static void vdpad_miss_free(struct vdpad_miss_core *core)
+{
+    if (core == NULL)
+        return;
+    vdpad_miss_unload(core);
+    pthread_mutex_destroy(&core->mutex);
+    free(core->times);
+    free(core);
+}
+
+static void vdpad_miss_lock(struct vdpad_miss_core *core)
+{
+    pthread_mutex_lock(&core->mutex);
+}
+
+static void vdpad_miss_unlock(struct vdpad_miss_core *core)
+{
+    pthread_mutex_unlock(&core->mutex);
+}
+
+static int vdpad_miss_load(struct vdpad_miss_core *core, const uint64_t *quads, size_t count)
+{
+    vdpad_miss_unload(core);
+    if (count == 0)
+        return 0;
+    core->table = malloc(count * 4 * sizeof(*quads));
+    core->marked = calloc(count, 1);
+    core->held = malloc(count * sizeof(*core->held));
+    if (core->table == NULL || core->marked == NULL || core->held == NULL) {
+        vdpad_miss_unload(core);
+        return ENOMEM;
+    }
+    memcpy(core->table, quads, count * 4 * sizeof(*quads));
+    core->count = count;
+    return 0;
+}
+
+static size_t vdpad_miss_take_held(struct vdpad_miss_core *core, uint32_t *out, size_t room)
+{
+    size_t taken = core->fresh < room ? core->fresh : room;
+
+    memcpy(out, core->held, taken * sizeof(*out));
+    memmove(core->held, core->held + taken, (core->fresh - taken) * sizeof(*out));
+    core->fresh -= taken;
+    return taken;
+}
+
+static size_t vdpad_miss_times(struct vdpad_miss_core *core, int64_t *out, size_t room)
+{
+    size_t kept = core->timed < core->window ? (size_t)core->timed : core->window, i;
+    uint64_t first = core->timed - kept;
+
+    if (kept > room) {
+        first += kept - room;
+        kept = room;
+    }
+    for (i = 0; i < kept; i++)
+        out[i] = core->times[(first + i) % core->window];
+    return kept;
+}
+
+/* The index of the entry holding iova, or count when none does. */
+static size_t vdpad_miss_covering(const struct vdpad_miss_core *core, uint64_t iova)
+{
+    size_t low = 0, high = core->count, middle;
+    const uint64_t *entry;
+
+    while (low < high) {  /* ends at the first entry starting after iova */
+        middle = low + (high - low) / 2;
+        if (core->table[4 * middle] <= iova)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    if (low == 0)
+        return core->count;
+    entry = core->table + 4 * (low - 1);
+    return iova - entry[0] < entry[1] ? low - 1 : core->count;
+}
+
+static void vdpad_miss_answer(struct vdpad_miss_core *core, int fd, uint32_t version,
+                              struct vdpad_miss_report *report)
+{
+    union vdpad_iotlb_frame frame;
+    size_t index = vdpad_miss_covering(core, report->iova), size;
+    const uint64_t *entry;
+
+    report->error = 0;
+    if (index == core->count || (report->perm & ~core->table[4 * index + 3])) {
+        report->what = VDPAD_MISS_UNANSWERED;  /* unmapped, or denied: Python tells which */
+        return;
+    }
+    entry = core->table + 4 * index;
+    memcpy(report->update, entry, sizeof(report->update));
+    size = vdpad_iotlb_frame(&frame, version, 0, VHOST_IOTLB_UPDATE, entry[0], entry[1], entry[2],
+                             (uint8_t)entry[3]);
+    if ((report->error = vdpad_write_whole(fd, &frame, size))) {
+        report->what = VDPAD_MISS_REFUSED;
+        return;
+    }
+    core->times[core->timed++ % core->window] = vdpad_now_ns() - report->started;
+    core->served++;
+    if (!core->marked[index]) {
+        core->marked[index] = 1;
+        core->held[core->fresh++] = (uint32_t)index;
+    }
+    report->what = VDPAD_MISS_ANSWERED;
+}
+
+static void vdpad_miss_serve(struct vdpad_miss_core *core, int fd, int stop_fd, uint32_t version, int trace,
+                             struct vdpad_miss_report *report)
+{
+    struct pollfd fds[2] = {{.fd = fd, .events = POLLIN}, {.fd = stop_fd, .events = POLLIN}};
+    size_t expected = version == VHOST_IOTLB_MSG_V2 ? sizeof(struct vhost_msg_v2) : sizeof(struct vhost_msg);
+    const struct vhost_iotlb_msg *iotlb;
+    union vdpad_iotlb_frame miss;
+    ssize_t got;
+
+    for (;;) {
+        got = read(fd, &miss, expected);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN && (poll(fds, 2, -1) >= 0 || errno == EINTR)) {
+                if (fds[1].revents) {
+                    report->what = VDPAD_MISS_STOPPED;
+                    return;
+                }
+                continue;
+            }
+            report->what = VDPAD_MISS_FAILED;
+            report->error = errno;
+            return;
+        }
+        report->started = vdpad_now_ns();
+        report->version = version == VHOST_IOTLB_MSG_V2 ? miss.v2.type : (uint32_t)miss.v1.type;
+        if ((size_t)got != expected || report->version != version) {
+            report->what = VDPAD_MISS_MALFORMED;
+            report->error = (int)got;
+            return;
+        }
+        iotlb = version == VHOST_IOTLB_MSG_V2 ? &miss.v2.iotlb : &miss.v1.iotlb;
+        report->type = iotlb->type;
+        report->perm = iotlb->perm;
+        report->iova = iotlb->iova;
+        report->size = iotlb->size;
+        if (iotlb->type != VHOST_IOTLB_MISS) {
+            report->what = VDPAD_MISS_UNEXPECTED;
+            return;
+        }
+        pthread_mutex_lock(&core->mutex);
+        if (!core->serving) {  /* retired: the device gets no answer from here on */
+            pthread_mutex_unlock(&core->mutex);
+            continue;
+        }
+        vdpad_miss_answer(core, fd, version, report);
+        pthread_mutex_unlock(&core->mutex);
+        if (report->what != VDPAD_MISS_ANSWERED || trace)
+            return;
+    }
 }
 """
 

@@ -12,7 +12,7 @@ each server on a fresh device of its own, with the same workload, in one run:
   write (CLOCK_MONOTONIC). It runs in a thread (cffi releases the GIL) while
   the main thread drives the device;
 - vdpad.service.misses.MissServer in this process over the same map, its
-  service times read from its `service_ns`;
+  service times read from its `service_times()`;
 - the daemon: `vdpad serve` as a process of its own (tests/service.py), the
   device a vhost-net session of it attached to a domain that maps the same
   memory (registered), its ring set up through the session's device calls,
@@ -357,13 +357,13 @@ def run_miss_server(work: Workload) -> Served:
             revoke = [work.buffer_span]
             drive(queue, 1, lambda: server.invalidate(revoke))
             warm = server.counters.served
-            server.service_ns.clear()
             phases = drive(queue, work.rounds, lambda: server.invalidate(revoke))
-            timings = list(server.service_ns)
+            served = server.counters.served - warm
+            timings = server.service_times()[-served:] if served else []
         finally:
             server.retire(invalidate=False)  # the device closes next
     counters = server.counters
-    return Served.timed(timings, counters.served - warm, counters.unmapped + counters.denied, phases)
+    return Served.timed(timings, served, counters.unmapped + counters.denied, phases)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+from array import array
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,7 @@ from vdpad.device import (
     Access, BackendFeature, GuestRegion, InvalidArgument, IotlbBatch, IotlbMessage, MessageType,
     NetFeature, NotSupportedError, VhostError, VhostNet, VirtioFeature, VringAddr, VringEndian,
 )
+from vdpad.device.miss_loop import MissEvent, MissLoop
 from vdpad.device.net import RX, TX
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion
 
@@ -192,10 +195,14 @@ def test_device_iotlb_miss(vhost_net_node, memory, tap, eventfds, acked):
     assert {e["version"] for e in events if e["event"] == "iotlb.write"} == {framing}
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["quiet", "traced"])
 @pytest.mark.parametrize("acked", [BackendFeature(0), BackendFeature.IOTLB_MSG_V2], ids=["v1", "v2"])
-def test_an_iotlb_channel_reads_misses_and_answers_them(vhost_net_node, memory, tap, eventfds, acked):
-    """The lean path a miss service takes: plain ints in, plain ints out, the fd non-blocking only meanwhile."""
-    with VhostNet(vhost_net_node) as net:
+def test_a_miss_loop_answers_from_its_table_and_hands_back_what_it_cannot(vhost_net_node, memory, tap, eventfds,
+                                                                           acked, traced):
+    """The C loop a miss service runs: it answers a MISS its table covers with no Python on the way, hands
+    back one it cannot (here: a permission the entry lacks), and answers that one once the table is fixed."""
+    logging = debug_logging() if traced else contextlib.nullcontext()
+    with logging, structlog.testing.capture_logs() as events, VhostNet(vhost_net_node) as net:
         net.set_owner()
         net.set_backend_features(acked)
         net.set_features(VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM)
@@ -206,18 +213,50 @@ def test_an_iotlb_channel_reads_misses_and_answers_them(vhost_net_node, memory, 
         net.set_vring_base(RX, 0)
         net.set_vring_kick(RX, eventfds[0])
         net.set_vring_call(RX, eventfds[1])
+
+        def quad(iova: int, perm: Access) -> list[int]:
+            page = iova - iova % PAGE_SIZE
+            return [page, PAGE_SIZE, memory.address + (page - IOVA), int(perm)]
+
+        used = quad(rx.used, Access.RW)
+        net.write_iotlb(IotlbMessage(MessageType.UPDATE, *used[:3], Access.RW))  # attaching writes it
+        net.set_backend(RX, tap)
+        loop = MissLoop(8)
+        with loop.lock:
+            loop.serving = True
+            loop.load(array("Q", quad(rx.desc, Access.RO) + quad(rx.avail, Access.WO)))  # avail: not readable
         flags = fcntl.fcntl(net.fileno(), fcntl.F_GETFL)
-        with net.iotlb_channel() as channel:
-            assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-            assert channel.read() is None  # nothing waits: no blocking
-            channel.update(rx.used - rx.used % PAGE_SIZE, PAGE_SIZE, memory.address + 2 * PAGE_SIZE, int(Access.RW))
-            net.set_backend(RX, tap)  # the used ring is translated: attaching writes it
-            os.write(eventfds[0], (1).to_bytes(8, "little"))
-            for expected in (rx.desc, rx.avail):
-                assert channel.wait(eventfds[5])  # a message, not the stop fd
-                kind, iova, _size, perm = channel.read()
-                assert (kind, iova, perm) == (channel.MISS, expected, int(Access.RO))
-                page = expected - expected % PAGE_SIZE
-                channel.update(page, PAGE_SIZE, memory.address + (page - IOVA), int(Access.RO))
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with net.iotlb_channel() as channel:
+                assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+                os.write(eventfds[0], (1).to_bytes(8, "little"))
+                back = loop.run(channel, stop_r)  # the desc MISS was answered in C; avail's comes back
+                assert (back.event, back.type, back.iova, back.perm) == (
+                    MissEvent.UNANSWERED, MessageType.MISS, rx.avail, Access.RO)
+                assert loop.served == 1
+                with loop.lock:
+                    assert loop.take_held() == [0]  # the desc entry
+                    loop.load(array("Q", quad(rx.desc, Access.RO) + quad(rx.avail, Access.RO)))
+                    answered = loop.answer(channel, back)
+                    assert (answered.event, answered.update) == (MissEvent.ANSWERED, tuple(quad(rx.avail, Access.RO)))
+                    assert loop.take_held() == [1] and loop.take_held() == []
+                    times = loop.times()
+                assert loop.served == 2 and len(times) == 2 and all(0 < t < 10**10 for t in times)
+                os.write(stop_w, b"x")
+                assert loop.run(channel, stop_r).event is MissEvent.STOPPED
+            assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) == flags  # the shared file's flags are given back
+            with pytest.raises(TimeoutError):
+                net.read_iotlb(timeout=1)  # both answers landed: the device asks nothing more
             net.set_backend(RX, None)
-        assert fcntl.fcntl(net.fileno(), fcntl.F_GETFL) == flags  # the shared file's flags are given back
+        finally:
+            os.close(stop_r)
+            os.close(stop_w)
+    framing = "V2" if acked else "V1"
+    traced_reads = [(e["version"], e["type"], e["iova"]) for e in events if e["event"] == "iotlb.read"]
+    traced_updates = [e["iova"] for e in events if e["event"] == "iotlb.write" and e["type"] == "UPDATE"]
+    if traced:
+        assert traced_reads == [(framing, "MISS", rx.desc), (framing, "MISS", rx.avail)]
+        assert traced_updates == [used[0], quad(rx.desc, Access.RO)[0], quad(rx.avail, Access.RO)[0]]
+    else:
+        assert traced_reads == [] and traced_updates == []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import os
 import select
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from vdpad._uapi import ffi, lib
 from vdpad.device.errors import InvalidArgument, IotlbWriteError, VhostError
@@ -157,72 +158,23 @@ class IotlbReader(Features):
 
     @contextmanager
     def iotlb_channel(self) -> Iterator[IotlbChannel]:
-        """A channel for one thread that serves the device's misses: the fd is held open (and non-blocking
-        for reads) until the block ends, so close() from another thread waits for it."""
+        """The fd held open for one thread that serves the device's misses (vdpad.device.miss_loop), and
+        non-blocking for reads, until the block ends: close() from another thread waits for it."""
         with self._owned.use() as fd:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
             try:
                 yield IotlbChannel(fd, self.iotlb_version, self.path, self._log if self._debug else None)
             finally:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the file is shared with the fd's other users
 
 
+@dataclass(frozen=True)
 class IotlbChannel:
-    """Raw IOTLB traffic on a held fd, lean enough for a miss service's hot path: messages read and packed
-    through the uapi layout as plain ints (no objects, no enum arithmetic per message), traced only when
-    debug events go somewhere."""
+    """A held, non-blocking fd that IOTLB messages are read from, framed in `version`; `trace` is the
+    device's logger while its debug events go somewhere, else None."""
 
-    MISS, UPDATE = int(MessageType.MISS), int(MessageType.UPDATE)
-
-    def __init__(self, fd: int, version: Version, path: str, trace):
-        self.fd, self.version, self.path, self._trace = fd, version, path, trace
-        self._size = version.size
-        unpack, word = version.layout.unpack, int(version)
-        if version is Version.V2:
-            self._fields = lambda data: unpack(data)[2:]
-            head = (word, 0)  # the version word and asid 0
-        else:
-            self._fields = lambda data: unpack(data)[1:]
-            head = (word,)
-        # (iova, size, uaddr, perm, type) -> the message: a partial is called in C, no Python frame on the
-        # path every answer takes.
-        message = functools.partial(version.layout.pack, *head)
-
-        kind = self.UPDATE
-
-        def update(iova: int, size: int, uaddr: int, perm: int) -> None:
-            """Write one UPDATE (bound once, so an answer to a miss is one call deep)."""
-            try:
-                # SAFETY: one whole message per write(); the kernel copies it.
-                os.write(fd, message(iova, size, uaddr, perm, kind))
-            except OSError as error:
-                raise IotlbWriteError(error.errno, "IOTLB UPDATE", path,
-                                      {"iova": iova, "size": size, "uaddr": uaddr, "perm": perm}) from None
-            if trace is not None:
-                trace.debug("iotlb.write", type="UPDATE", iova=iova, size=size, uaddr=uaddr, perm=perm)
-
-        self.update = update
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-
-    def read(self) -> tuple[int, int, int, int] | None:
-        """The next message the kernel sent as ints (type, iova, size, perm), None when none is waiting."""
-        try:
-            # SAFETY: the kernel hands out one whole message per read(); non-blocking, EAGAIN when none waits.
-            data = os.read(self.fd, self._size)
-        except BlockingIOError:
-            return None
-        except OSError as error:
-            raise VhostError(error.errno, "IOTLB read", self.path) from None
-        if len(data) != self._size:
-            raise CodecError(f"{self.path} sent {len(data)} bytes, not a {self.version.name} message")
-        iova, size, _uaddr, perm, kind = self._fields(data)
-        if self._trace is not None:
-            self._trace.debug("iotlb.read", type=MessageType(kind).name, iova=iova, size=size, perm=perm)
-        return kind, iova, size, perm
-
-    def wait(self, stop_fd: int) -> bool:
-        """Sleep until a message waits (True) or `stop_fd` is readable (False)."""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
-        return all(fd != stop_fd for fd, _ in poller.poll())
+    fd: int
+    version: Version
+    path: str
+    trace: Any

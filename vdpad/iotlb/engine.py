@@ -8,7 +8,6 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TypeVar
 
 import structlog
@@ -24,7 +23,7 @@ from vdpad.iotlb.plan import (
 )
 from vdpad.iotlb.plan import plan as plan_change
 from vdpad.iotlb.space import VALID_PERMS, AddressMap, Mapping, Memory, OverlapError, describe_range
-from vdpad.iotlb.tree import MappingTree
+from vdpad.iotlb.tree import UPDATE_QUAD, MappingTree
 from vdpad.log import debug_enabled
 from vdpad.mgmt.parent import MapKind, map_kind_of_node
 
@@ -99,7 +98,6 @@ class _Space:
 
 
 _BATCH = int(BackendFeature.IOTLB_BATCH)
-_UPDATE_ROW = attrgetter("iova", "size", "uaddr", "perm")  # a unit as its UPDATE's fields
 
 # What stops a commit half-way: the kernel refused a write, or the device layer did before writing.
 REFUSED = (VhostError, InvalidArgument)
@@ -566,7 +564,7 @@ class DeviceIotlb:
 
     def _send(self, asid: int, space: _Space, work: Plan, *, begin: bool = False, end: bool = False) -> None:
         """Write `work` (after BATCH_BEGIN, before BATCH_END, when asked) by one write loop; book what landed."""
-        invalidate, update = flatten(work.invalidate, map(_UPDATE_ROW, work.update) if work.update else ())
+        invalidate, update = flatten(work.invalidate, map(UPDATE_QUAD, work.update) if work.update else ())
         try:
             self.dev.write_iotlb_ranges(asid, invalidate, update, begin=begin, end=end)
         except REFUSED as error:

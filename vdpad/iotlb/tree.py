@@ -12,6 +12,7 @@ overlap (AddressMap and the plan check it); it neither merges nor splits them.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
@@ -28,12 +29,13 @@ _LEAST = FANOUT // 2  # a node below this is merged with, or refilled from, a ne
 
 
 class _Node:
-    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item."""
+    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item; `quads`, a leaf's
+    UPDATE quads once asked for (MappingTree.update_quads)."""
 
-    __slots__ = ("keys", "items", "leaf", "count", "nbytes")
+    __slots__ = ("keys", "items", "leaf", "count", "nbytes", "quads")
 
     def __init__(self, items: tuple, leaf: bool):
-        self.items, self.leaf = items, leaf
+        self.items, self.leaf, self.quads = items, leaf, None
         if leaf:
             self.keys = tuple(map(_IOVA, items))
             self.count = len(items)
@@ -45,6 +47,9 @@ class _Node:
 
 
 _IOVA, _SIZE, _COUNT, _NBYTES = (attrgetter(name) for name in ("iova", "size", "count", "nbytes"))
+
+#: A mapping as the words of its UPDATE, in the order the C side takes them.
+UPDATE_QUAD = attrgetter("iova", "size", "uaddr", "perm")
 
 
 def _nodes(items: Sequence, leaf: bool) -> list[_Node]:
@@ -92,17 +97,17 @@ def _delete(node: _Node, entry: Mapping) -> _Node | None:
     return _Node(items, False) if items else None
 
 
-def _leaves(node: _Node) -> Iterator[tuple]:
-    """The leaves' tuples in order (iterating their items through one chain is far cheaper than nested yields)."""
+def _leaves(node: _Node) -> Iterator[_Node]:
+    """The leaves in order (iterating their items through one chain is far cheaper than nested yields)."""
     if node.leaf:
-        yield node.items
+        yield node
     else:
         for child in node.items:
             yield from _leaves(child)
 
 
 def _walk(node: _Node) -> Iterator[Mapping]:
-    return chain.from_iterable(_leaves(node))
+    return chain.from_iterable(leaf.items for leaf in _leaves(node))
 
 
 def _walk_from(node: _Node, iova: int) -> Iterator[Mapping]:
@@ -180,6 +185,21 @@ class MappingTree:
 
     def __repr__(self) -> str:
         return f"MappingTree({list(self)!r})"
+
+    def update_quads(self) -> tuple[bytes, list[Mapping]]:
+        """The mappings in IOVA order as u64 UPDATE quads (UPDATE_QUAD), and as themselves, index for index.
+
+        Each leaf packs its quads once and keeps them (nodes never change), so
+        a tree that differs from an earlier one in a few places packs in a
+        step per leaf, not per mapping.
+        """
+        if self._root is None:
+            return b"", []
+        leaves = list(_leaves(self._root))
+        for leaf in leaves:
+            if leaf.quads is None:
+                leaf.quads = array("Q", chain.from_iterable(map(UPDATE_QUAD, leaf.items))).tobytes()
+        return b"".join(leaf.quads for leaf in leaves), list(chain.from_iterable(leaf.items for leaf in leaves))
 
     def floor(self, iova: int) -> Mapping | None:
         """The last mapping that starts at or before `iova`."""

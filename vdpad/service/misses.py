@@ -1,28 +1,33 @@
 """Device-IOTLB misses of a vhost core device (vhost-net with ACCESS_PLATFORM), answered from a domain.
 
 The device asks for a translation by a MISS message on its fd and waits
-until an UPDATE covers it. One thread per device (`MissServer`) sleeps in
-poll() on the fd and answers each MISS with one UPDATE for the domain's
-covering mapping: no hop through the trio loop, whose wake-up under TCG costs
-more than the whole answer. A MISS the domain cannot answer (nothing mapped
-there, or a permission the mapping lacks) gets no UPDATE: vhost has no reply
-for that (ACCESS_FAIL is the kernel's own message to userspace) and keeps the
-queue waiting, as under QEMU. It is counted, logged (rate-limited) and kept
-as pending, and answered by the first domain change that maps it.
+until an UPDATE covers it. One thread per device (`MissServer`) runs the C
+loop of vdpad.device.miss_loop on the fd: it answers each MISS with one
+UPDATE for the covering mapping of a table loaded from the domain's map,
+with no Python and no hop through the trio loop (whose wake-up under TCG
+costs more than the whole answer). The table is loaded lazily: an
+invalidation empties it, and the first miss it cannot answer comes back to
+the thread, which loads the domain's current map and asks again.
 
-The server's lock orders answers against invalidations: a lookup and its
-UPDATE happen under it, and a domain change swaps its map before it takes
-the lock to INVALIDATE, so no UPDATE from the old map can land after the
-INVALIDATE that revokes it.
+A MISS the domain cannot answer (nothing mapped there, or a permission the
+mapping lacks) gets no UPDATE: vhost has no reply for that (ACCESS_FAIL is
+the kernel's own message to userspace) and keeps the queue waiting, as under
+QEMU. It is counted, logged (rate-limited) and kept as pending, and answered
+by the first domain change that maps it.
+
+The loop's lock orders answers against invalidations: the C loop looks up
+and writes each UPDATE under it, and a domain change swaps its map before it
+takes the lock to empty the table and INVALIDATE, so no UPDATE from the old
+map can land after the INVALIDATE that revokes it.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +36,7 @@ import structlog
 from vdpad.device.core import U64
 from vdpad.device.errors import IotlbWriteError
 from vdpad.device.iotlb_io import IotlbChannel
+from vdpad.device.miss_loop import MissEvent, MissLoop, MissReport
 from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType
 from vdpad.device.net import VhostNet
 from vdpad.iotlb.space import AddressMap, Mapping, describe_range
@@ -125,28 +131,41 @@ class MissServer:
 
     def __init__(self, dev: VhostNet, domain: Translations, *, label: str):
         self.dev, self.domain, self.label = dev, domain, label
-        self.counters = MissCounters()
+        self._loop = MissLoop(SERVICE_WINDOW)
+        # Orders answers against invalidations, resets and a closing region's question (holding()).
+        self.lock = self._loop.lock
+        self._tally = MissCounters()  # all but `served`, which the loop counts
         self.pending: dict[tuple[int, int], Unanswered] = {}  # (iova, access) -> why it waits
         # What the device may hold now: each mapping sent (by identity: a refused INVALIDATE can leave an old
-        # mapping beside a new one at the same IOVA), until an INVALIDATE covers it.
+        # mapping beside a new one at the same IOVA), until an INVALIDATE covers it. The loop's answers join
+        # it when taken (_take_held), always before it is read.
         self.held: dict[int, Mapping] = {}
-        # Orders answers against invalidations, resets and a closing region's question (holding()).
-        self.lock = threading.RLock()
-        self.serving = False  # false once retired: a MISS read after that gets no answer
-        # Service times of the latest answers (ns, MISS read to UPDATE written): told as percentiles.
-        self.service_ns: deque[int] = deque(maxlen=SERVICE_WINDOW)
+        self._table: AddressMap | None = None  # the map the loop's table was loaded from; None: empty
+        self._entries: list[Mapping] = []  # its mappings, by table index
         self._log = log.bind(device=dev.path, session=label)
         self._limited = RateLimitedLog(self._log)
         self._stop: tuple[int, int] | None = None  # the pipe whose write end wakes the thread to stop
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
 
+    @property
+    def counters(self) -> MissCounters:
+        """A snapshot, read without the lock."""
+        return dataclasses.replace(self._tally, served=self._loop.served)
+
+    @property
+    def serving(self) -> bool:
+        """False once retired: a MISS read after that gets no answer."""
+        return self._loop.serving
+
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Start serving: the thread holds the fd from now until retire()."""
         ready = threading.Event()
         self._stop = os.pipe2(os.O_CLOEXEC)
-        self.serving = True
+        with self.lock:
+            self._loop.serving = True
+            self._load(self.domain.map)
         self._thread = threading.Thread(target=self._serve, args=(ready, self._stop[0]),
                                         name=f"vdpad-misses {self.label}", daemon=True)
         try:
@@ -164,7 +183,7 @@ class MissServer:
         refused INVALIDATE is raised, and tried again by the next call."""
         try:
             with self.lock:
-                self.serving = False  # nothing is answered from here on
+                self._loop.serving = False  # nothing is answered from here on
                 if invalidate:
                     self._invalidate([(0, U64)])
         finally:
@@ -188,45 +207,64 @@ class MissServer:
         try:
             with self.dev.iotlb_channel() as channel:
                 ready.set()
-                while True:
-                    message = channel.read()
-                    if message is None:
-                        if not channel.wait(stop):
-                            return
-                        continue
-                    started = time.perf_counter_ns()
-                    kind, iova, _size, perm = message
-                    if kind == channel.MISS:
-                        self._answer(channel, iova, perm, started)
-                    else:  # vhost sends nothing else today
-                        self._log.warning("iotlb.unexpected", type=kind, iova=iova)
+                while (report := self._loop.run(channel, stop)).event is not MissEvent.STOPPED:
+                    if report.event is MissEvent.UNANSWERED:
+                        self._unanswered(channel, report)
+                    elif report.event is MissEvent.REFUSED:
+                        self._refused(report)
+                    else:  # vhost sends nothing but MISS today
+                        self._log.warning("iotlb.unexpected", type=report.type, iova=report.iova)
         except BaseException as error:  # noqa: BLE001 - told to start(), or logged: the session sees it stopped
             self._failure = error
             if ready.is_set():
                 self._log.error("misses.stopped", error=repr(error))
             ready.set()
 
-    def _answer(self, channel: IotlbChannel, iova: int, perm: int, started: int) -> None:
+    # -- in the thread: what the C loop hands back ---------------------------------------------
+    def _unanswered(self, channel: IotlbChannel, miss: MissReport) -> None:
+        """A miss the loop's table did not answer: asked again when the domain's map changed since the table
+        was loaded; else it waits, counted, until a change maps it."""
         with self.lock:
-            if not self.serving:
+            if not self._loop.serving:
                 return
-            mapping = self.domain.map.lookup(iova)
-            if mapping is not None and not perm & ~mapping.perm._value_:  # answer_for, spelt out: the hot path
-                try:
-                    channel.update(mapping.iova, mapping.size, mapping.uaddr, mapping.perm._value_)
-                except IotlbWriteError as error:  # e.g. a reset dropped the device's IOTLB: it asks again
-                    self.counters.refused += 1
-                    self._limited.warning("iotlb.update_refused", iova=iova, error=str(error))
-                    return
-                self.service_ns.append(time.perf_counter_ns() - started)  # read to written, as the C loop times
-                self.held[id(mapping)] = mapping
-                self.counters.served += 1
-                return
-            why = answer_for(mapping, perm)
-            setattr(self.counters, why, getattr(self.counters, why) + 1)
-            self.pending[(iova, perm)] = Unanswered(iova, Access(perm), why)
-        self._limited.warning("iotlb.miss_unanswered", iova=iova, perm=Access(perm).name, reason=why,
-                              mapped=None if mapping is None else repr(mapping))
+            current = self.domain.map
+            if current is not self._table:
+                self._load(current)
+                miss = self._loop.answer(channel, miss)
+            if miss.event is MissEvent.UNANSWERED:
+                mapping = current.lookup(miss.iova)
+                why = answer_for(mapping, miss.perm)
+                if why is None:  # the table is the map: it would have answered
+                    raise RuntimeError(f"the miss table of {self.label} did not answer {miss.iova:#x}, "
+                                       f"which {mapping!r} maps")
+                setattr(self._tally, why, getattr(self._tally, why) + 1)
+                self.pending[(miss.iova, miss.perm)] = Unanswered(miss.iova, Access(miss.perm), why)
+        if miss.event is MissEvent.REFUSED:
+            self._refused(miss)
+        elif miss.event is MissEvent.UNANSWERED:
+            self._limited.warning("iotlb.miss_unanswered", iova=miss.iova, perm=Access(miss.perm).name,
+                                  reason=why, mapped=None if mapping is None else repr(mapping))
+
+    def _refused(self, report: MissReport) -> None:
+        """e.g. a reset dropped the device's IOTLB: it asks again."""
+        self._tally.refused += 1
+        self._limited.warning("iotlb.update_refused", iova=report.iova, update=report.update,
+                              errno=report.error)
+
+    # -- the loop's table, with the lock held ---------------------------------------------------------
+    def _load(self, current: AddressMap | None) -> None:
+        """Answer from `current` from now on (None: from nothing, so a miss asks the domain's map again)."""
+        self._take_held()
+        quads, self._entries = current.tree.update_quads() if current is not None else (b"", [])
+        self._loop.load(quads)
+        self._table = current
+
+    def _take_held(self) -> None:
+        """What the loop answered joins `held` (a table index means nothing once another table is loaded)."""
+        entries = self._entries
+        for index in self._loop.take_held():
+            mapping = entries[index]
+            self.held[id(mapping)] = mapping
 
     # -- called by the domain and the session, in worker threads: written through the device --------
     def _update(self, mapping: Mapping) -> None:
@@ -235,8 +273,9 @@ class MissServer:
         self.held[id(mapping)] = mapping
 
     def _invalidate(self, ranges: list[tuple[int, int]]) -> None:
+        self._load(None)  # answers from the map before the change end here
         self.dev.write_iotlb_batch(IotlbBatch(0, ranges))  # one C loop however many
-        self.counters.invalidated += len(ranges)
+        self._tally.invalidated += len(ranges)
         spans: list[tuple[int, int]] = []  # (start, end), sorted and merged: disjoint
         for iova, size in sorted(ranges):
             if spans and iova <= spans[-1][1]:
@@ -259,14 +298,14 @@ class MissServer:
         """Answer the unanswered misses the domain maps now; returns how many."""
         answered = 0
         with self.lock:
-            if not self.serving:
+            if not self._loop.serving:
                 return 0
             for key, miss in list(self.pending.items()):
                 mapping = self.domain.map.lookup(miss.iova)
                 if answer_for(mapping, miss.perm) is None:
                     self._update(mapping)
                     del self.pending[key]
-                    self.counters.late += 1
+                    self._tally.late += 1
                     answered += 1
         return answered
 
@@ -274,7 +313,7 @@ class MissServer:
         """Translate `iova` before the device asks (vhost writes its used rings while attaching a backend,
         and fails rather than waits on a miss there). Refused when the domain cannot answer it."""
         with self.lock:
-            if not self.serving:
+            if not self._loop.serving:
                 raise LookupError(f"IOVA {iova:#x}: the miss service of {self.label} has retired")
             mapping = self.domain.map.lookup(iova)
             why = answer_for(mapping, perm)
@@ -282,28 +321,40 @@ class MissServer:
                 raise LookupError(f"IOVA {iova:#x} ({perm.name}) is {why} in the domain"
                                   + ("" if mapping is None else f": {mapping!r}"))
             self._update(mapping)
-            self.counters.prefetched += 1
+            self._tally.prefetched += 1
 
     def forget_all(self) -> None:
         """The device dropped its IOTLB (a reset, new features): nothing is held, nothing waits."""
         with self.lock:
+            self._load(None)  # and the table's marks of what was answered with it
             self.pending.clear()
             self.held.clear()
 
     # -- a mapper of the domain's memory (MemoryRegion.close asks) ----------------------------------
-    def holding(self) -> threading.RLock:
+    def holding(self):
         return self.lock
 
     def mappings_of(self, region) -> list[str]:
         if self.dev.released:
             return []  # the fd is closed for real: the kernel dropped the device's IOTLB
         with self.lock:
+            self._take_held()
             return [f"{describe_range(m.iova, m.size)} held by {self.dev.path} ({self.label})"
                     for m in self.held.values() if m.region is region]
 
+    def service_times(self) -> list[int]:
+        """The latest SERVICE_WINDOW service times in ns (MISS read to UPDATE written), oldest first."""
+        with self.lock:
+            return self._loop.times()
+
     def describe(self) -> dict[str, object]:
+        with self.lock:
+            self._take_held()
+            held = list(self.held.values())
+            pending = list(self.pending.values())
+            times = self._loop.times()
         return {**vars(self.counters), "pending": [{"iova": m.iova, "perm": m.perm.name, "reason": m.why}
-                                                   for m in list(self.pending.values())[:16]],
-                "pending_count": len(self.pending), "running": self.running,
-                "held": sorted([m.iova, m.size] for m in self.held.values())[:HELD_SHOWN],
-                "held_count": len(self.held), "service_us": service_percentiles(list(self.service_ns))}
+                                                   for m in pending[:16]],
+                "pending_count": len(pending), "running": self.running,
+                "held": sorted([m.iova, m.size] for m in held)[:HELD_SHOWN],
+                "held_count": len(held), "service_us": service_percentiles(times)}
