@@ -199,7 +199,8 @@ struct vdpad_miss_core *vdpad_miss_new(size_t window);
 void vdpad_miss_free(struct vdpad_miss_core *core);
 void vdpad_miss_lock(struct vdpad_miss_core *core);
 void vdpad_miss_unlock(struct vdpad_miss_core *core);
-/* Locked: answer from these `count` quads from now on (copied); 0, or ENOMEM with the table left empty. */
+/* Locked: answer from these `count` quads from now on; they stay the caller's, and must outlive the
+ * table (until the next load). 0, or ENOMEM with the table left empty. */
 int vdpad_miss_load(struct vdpad_miss_core *core, const uint64_t *quads, size_t count);
 /* Locked: the indices of the entries answered from since the last take (each once per load) into `out`. */
 size_t vdpad_miss_take_held(struct vdpad_miss_core *core, uint32_t *out, size_t room);
@@ -411,7 +412,7 @@ struct vdpad_miss_core {
     size_t fresh;
     int serving;
     pthread_mutex_t mutex;
-    uint64_t *table;   /* count quads: iova, size, uaddr, perm; sorted by iova, disjoint */
+    const uint64_t *table;  /* count quads: iova, size, uaddr, perm; sorted by iova, disjoint */
     size_t count;
     uint8_t *marked;   /* per entry: answered from since the load */
     uint32_t *held;    /* the first `fresh` of them not yet taken */
@@ -445,7 +446,6 @@ static struct vdpad_miss_core *vdpad_miss_new(size_t window)
 
 static void vdpad_miss_unload(struct vdpad_miss_core *core)
 {
-    free(core->table);
     free(core->marked);
     free(core->held);
     core->table = NULL;
@@ -479,14 +479,13 @@ static int vdpad_miss_load(struct vdpad_miss_core *core, const uint64_t *quads, 
     vdpad_miss_unload(core);
     if (count == 0)
         return 0;
-    core->table = malloc(count * 4 * sizeof(*quads));
     core->marked = calloc(count, 1);
     core->held = malloc(count * sizeof(*core->held));
-    if (core->table == NULL || core->marked == NULL || core->held == NULL) {
+    if (core->marked == NULL || core->held == NULL) {
         vdpad_miss_unload(core);
         return ENOMEM;
     }
-    memcpy(core->table, quads, count * 4 * sizeof(*quads));
+    core->table = quads;
     core->count = count;
     return 0;
 }

@@ -10,8 +10,10 @@ units, the booking of the units message by message, the trace hook.
 
 Writes engine.json. Besides the figures it holds references measured in the
 same run, which say how fast this machine is: a plain `bisect` lookup in a
-list of 100k starts, and the cost of rebuilding a whole map for each
-operation (what `AddressMap.mapped` did before the B+tree), at 1k entries.
+list of 100k starts, the cost of rebuilding a whole map for each
+operation (what `AddressMap.mapped` did before the B+tree), at 1k entries,
+and a plain copy of a 100k-entry miss table (what packing one after a change
+is measured against).
 tests/bench/plot_engine.py draws it.
 """
 
@@ -157,6 +159,20 @@ def plans(region: MemoryRegion, count: int) -> dict:
     return {"entries": count, "plan_ms": seconds * 1e3, "invalidate": len(work.invalidate), "update": len(work.update)}
 
 
+def miss_tables(region: MemoryRegion, count: int, changes: int = 20) -> dict:
+    """The miss table of a `count`-entry domain (MappingTree.update_quads), packed whole and then after each of
+    `changes` one-mapping changes (what a miss server loads after a commit), against a plain copy of its
+    bytes (the memcpy no packing can beat)."""
+    amap = scattered(region, count)
+    first = timed(amap.tree.update_quads)
+    quads = amap.tree.update_quads()
+    maps = [amap := amap.mapped(Mapping((2 * page + 1) * P, P, region, 0, Perm.RO)) for page in range(changes)]
+    after = timed(lambda: [m.tree.update_quads() for m in maps]) / changes
+    copy = best_of(5, lambda: bytes(bytearray(quads)))
+    return {"entries": count, "first_ms": first * 1e3, "after_change_ms": after * 1e3, "bytes": len(quads),
+            "copy_reference_ms": copy * 1e3}
+
+
 def rebuild_reference(region: MemoryRegion, count: int) -> float:
     """Growing a map to `count` entries by rebuilding it whole for each map (the tuple map's cost)."""
     def run() -> None:
@@ -177,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         commits = [commit_at(region, size) for size in SIZES]
         lookup = lookups(region, 100_000)
         planned = plans(region, 10_000)
+        table = miss_tables(region, 100_000)
         rebuild_1k_s = rebuild_reference(region, 1_000)
     figures = {
         "grow_10k_s": grow_s,
@@ -193,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                     for name, limit in TARGETS.items()},
         "commit_by_size": commits,
         "plan": planned,
+        "miss_table": table,
         "references": {
             "bisect_lookup_100k_us": lookup["bisect_reference_us"],
             "rebuild_per_op_grow_1k_s": rebuild_1k_s,
             "lookup_vs_bisect": lookup["lookup_us"] / lookup["bisect_reference_us"],
             "grow_10k_vs_rebuild_grow_1k": grow_s / rebuild_1k_s,
+            "miss_table_after_change_vs_copy": table["after_change_ms"] / table["copy_reference_ms"],
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ happen on nearly every change.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from unittest import mock
@@ -21,7 +22,7 @@ from vdpad.iotlb import plan as plan_module
 from vdpad.iotlb import tree as tree_module
 from vdpad.iotlb.plan import plan
 from vdpad.iotlb.space import OverlapError
-from vdpad.iotlb.tree import MappingTree
+from vdpad.iotlb.tree import UPDATE_QUAD, MappingTree
 
 P = PAGE_SIZE
 SPAN = 64  # pages
@@ -87,9 +88,14 @@ def test_tree_inserts_and_removes_like_a_sorted_list(changes, built):
                     tree.removed(page_mapping(page, 1))
                 continue
             check_shape(tree)
+            tree.update_quads()  # packed as it changes: later versions reuse what did not change
             history.append((tree, list(model)))
         for snapshot, expected in history:  # persistence: each version still reads as it did
             assert list(snapshot) == expected and snapshot == tuple(expected) and len(snapshot) == len(expected)
+            assert snapshot.update_quads() == array("Q", [w for m in expected for w in UPDATE_QUAD(m)]).tobytes()
+            assert [snapshot.at(i) for i in range(len(expected))] == expected
+            with pytest.raises(IndexError):
+                snapshot.at(len(expected))
             assert snapshot.nbytes == sum(m.size for m in expected) and bool(snapshot) == bool(expected)
             assert hash(snapshot) == hash(tuple(expected))
         for page in range(0, 205, 3):

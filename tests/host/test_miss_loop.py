@@ -74,7 +74,7 @@ def miss(iova: int, perm: Access, version: Version = Version.V2) -> bytes:
 def loaded(mappings: list[Mapping], window: int = 16) -> tuple[MissLoop, AddressMap]:
     domain = AddressMap(mappings)
     loop = MissLoop(window)
-    quads, _ = domain.tree.update_quads()
+    quads = domain.tree.update_quads()
     with loop.lock:
         loop.serving = True
         loop.load(quads)
@@ -150,7 +150,7 @@ def test_what_was_answered_is_taken_once_per_load_and_times_keep_the_latest_wind
         with loop.lock:
             assert loop.take_held() == [1, 0] and loop.take_held() == []
             assert len(loop.times()) == 4  # the window
-            loop.load(domain.tree.update_quads()[0])
+            loop.load(domain.tree.update_quads())
         ours.send(miss(P, Access.RO))
         ours.send(miss(9 * P, Access.RO))
         assert loop.run(channel, stop_r).event is MissEvent.UNANSWERED

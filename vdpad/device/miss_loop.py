@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from vdpad._uapi import ffi, lib
 from vdpad.device.errors import VhostError
 from vdpad.device.iotlb_io import IotlbChannel
-from vdpad.device.iotlb_msg import Access, CodecError, MessageType, as_u64s
+from vdpad.device.iotlb_msg import Access, CodecError, MessageType
 
 
 class MissEvent(enum.IntEnum):
@@ -107,6 +107,7 @@ class MissLoop:
         self._core = ffi.gc(core, lib.vdpad_miss_free)
         self.window = window
         self.lock = LoopLock(self._core)
+        self._table = None  # the quads the C side answers from, kept alive here
 
     # -- read without the lock: plain counters ------------------------------------------------------
     @property
@@ -129,10 +130,12 @@ class MissLoop:
         """Answer from these UPDATE quads (iova, size, uaddr, perm; sorted by IOVA, disjoint) from now on;
         what was answered from the old table and not taken is forgotten with it."""
         self.lock.check("load")
-        words = len(quads) // 8 if isinstance(quads, bytes) else len(quads)
-        # SAFETY: the quads are copied by the C side before the call returns.
-        if lib.vdpad_miss_load(self._core, as_u64s(quads), words // 4):
-            raise MemoryError(f"no memory for a miss table of {words // 4} entries")
+        table = ffi.from_buffer("uint64_t[]", quads)
+        # SAFETY: the C side reads the quads in place: self._table keeps them alive until the next load.
+        failed = lib.vdpad_miss_load(self._core, table, len(table) // 4)
+        self._table = table if not failed else None
+        if failed:
+            raise MemoryError(f"no memory for a miss table of {len(table) // 4} entries")
 
     def take_held(self) -> list[int]:
         """The table indices answered from since the last take (each once per load): what the device may

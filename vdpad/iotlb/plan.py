@@ -143,7 +143,7 @@ def plan(units: Iterable[Mapping], target: AddressMap,
         return _plan_near(units, target, touched)
     flags = _kept_flags(units, target)
     kept = [unit for unit, keep in flags if keep]
-    update = tuple(target.without(kept))
+    update = tuple(target.without(kept, ordered=True))
     # Two sorted runs: sorted() merges them in linear time.
     return Plan(_runs(flags), update, MappingTree(sorted((*kept, *update), key=attrgetter("iova"))))
 
@@ -160,6 +160,9 @@ def _kept_flags(units: Iterable[Mapping], target: AddressMap) -> list[tuple[Mapp
         while entry is not None and entry_end <= start:
             entry = next(entries, None)
             entry_end = entry.iova + entry.size if entry is not None else 0
+        if entry is unit:  # most of a map is the very mappings the kernel was given
+            flags.append((unit, True))
+            continue
         flags.append((unit, entry is not None and entry.iova <= start and start + unit.size <= entry_end
                       and entry.region is unit.region and entry.perm == unit.perm
                       and entry.offset - entry.iova == unit.offset - start))

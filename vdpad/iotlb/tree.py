@@ -29,8 +29,8 @@ _LEAST = FANOUT // 2  # a node below this is merged with, or refilled from, a ne
 
 
 class _Node:
-    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item; `quads`, a leaf's
-    UPDATE quads once asked for (MappingTree.update_quads)."""
+    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item; `quads`, the
+    node's mappings packed once asked for (MappingTree.update_quads)."""
 
     __slots__ = ("keys", "items", "leaf", "count", "nbytes", "quads")
 
@@ -104,6 +104,13 @@ def _leaves(node: _Node) -> Iterator[_Node]:
     else:
         for child in node.items:
             yield from _leaves(child)
+
+
+def _quads(node: _Node) -> bytes:
+    if node.quads is None:
+        node.quads = (array("Q", chain.from_iterable(map(UPDATE_QUAD, node.items))).tobytes() if node.leaf
+                      else b"".join(map(_quads, node.items)))
+    return node.quads
 
 
 def _walk(node: _Node) -> Iterator[Mapping]:
@@ -186,20 +193,27 @@ class MappingTree:
     def __repr__(self) -> str:
         return f"MappingTree({list(self)!r})"
 
-    def update_quads(self) -> tuple[bytes, list[Mapping]]:
-        """The mappings in IOVA order as u64 UPDATE quads (UPDATE_QUAD), and as themselves, index for index.
+    def update_quads(self) -> bytes:
+        """The mappings in IOVA order as the u64 words of their UPDATEs (UPDATE_QUAD), back to back.
 
-        Each leaf packs its quads once and keeps them (nodes never change), so
-        a tree that differs from an earlier one in a few places packs in a
-        step per leaf, not per mapping.
+        Each node keeps its packing once made (nodes never change), so the tree
+        after a change packs in O(log n) Python steps: only the nodes on the
+        changed path join their children's bytes anew.
         """
-        if self._root is None:
-            return b"", []
-        leaves = list(_leaves(self._root))
-        for leaf in leaves:
-            if leaf.quads is None:
-                leaf.quads = array("Q", chain.from_iterable(map(UPDATE_QUAD, leaf.items))).tobytes()
-        return b"".join(leaf.quads for leaf in leaves), list(chain.from_iterable(leaf.items for leaf in leaves))
+        return _quads(self._root) if self._root is not None else b""
+
+    def at(self, index: int) -> Mapping:
+        """The mapping `index` places along in IOVA order (as update_quads has it), in O(log n)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"mapping {index} of a tree of {len(self)}")
+        node = self._root
+        while not node.leaf:
+            for child in node.items:
+                if index < child.count:
+                    node = child
+                    break
+                index -= child.count
+        return node.items[index]
 
     def floor(self, iova: int) -> Mapping | None:
         """The last mapping that starts at or before `iova`."""

@@ -141,7 +141,6 @@ class MissServer:
         # it when taken (_take_held), always before it is read.
         self.held: dict[int, Mapping] = {}
         self._table: AddressMap | None = None  # the map the loop's table was loaded from; None: empty
-        self._entries: list[Mapping] = []  # its mappings, by table index
         self._log = log.bind(device=dev.path, session=label)
         self._limited = RateLimitedLog(self._log)
         self._stop: tuple[int, int] | None = None  # the pipe whose write end wakes the thread to stop
@@ -255,15 +254,14 @@ class MissServer:
     def _load(self, current: AddressMap | None) -> None:
         """Answer from `current` from now on (None: from nothing, so a miss asks the domain's map again)."""
         self._take_held()
-        quads, self._entries = current.tree.update_quads() if current is not None else (b"", [])
-        self._loop.load(quads)
+        self._table = None  # until loaded: a refused load leaves the loop's table empty
+        self._loop.load(current.tree.update_quads() if current is not None else b"")
         self._table = current
 
     def _take_held(self) -> None:
         """What the loop answered joins `held` (a table index means nothing once another table is loaded)."""
-        entries = self._entries
         for index in self._loop.take_held():
-            mapping = entries[index]
+            mapping = self._table.tree.at(index)
             self.held[id(mapping)] = mapping
 
     # -- called by the domain and the session, in worker threads: written through the device --------
