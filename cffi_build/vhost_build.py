@@ -588,7 +588,7 @@ static void vdpad_miss_serve(struct vdpad_miss_core *core, int fd, int stop_fd, 
             return;
         }
         report->started = vdpad_now_ns();
-        report->version = version == VHOST_IOTLB_MSG_V2 ? miss.v2.type : (uint32_t)miss.v1.type;
+        report->version = got < 4 ? 0 : version == VHOST_IOTLB_MSG_V2 ? miss.v2.type : (uint32_t)miss.v1.type;
         if ((size_t)got != expected || report->version != version) {
             report->what = VDPAD_MISS_MALFORMED;
             report->error = (int)got;

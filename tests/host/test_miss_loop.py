@@ -1,7 +1,8 @@
 """The C miss loop's logic, over a SOCK_SEQPACKET pair standing in for the device's fd (one message per
 read and write, as vhost frames them): table lookups against AddressMap's, the UPDATE's framing, the
-bookkeeping of what was answered, and every reason it hands a message back. tests/kernel/test_device_net.py
-runs it on /dev/vhost-net."""
+bookkeeping of what was answered, every reason it hands a message back, and MissServer's use of it (when
+its table is reloaded or emptied). tests/kernel/test_device_net.py and test_domains.py run them on
+/dev/vhost-net."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from vdpad.device.iotlb_io import IotlbChannel
 from vdpad.device.iotlb_msg import Access, CodecError, IotlbMessage, MessageType, Version
 from vdpad.device.miss_loop import MissEvent, MissLoop
 from vdpad.iotlb.space import AddressMap, Mapping
-from vdpad.service.misses import answer_for
+from vdpad.service.misses import MissServer, answer_for
 
 P = 0x1000
 
@@ -187,3 +188,90 @@ def test_a_refused_update_and_a_malformed_message_are_told():
         back = loop.run(channel, stop_r)
     assert back.event is MissEvent.REFUSED and back.error == 32  # EPIPE
     assert back.update == (0, P, REGION.address, int(Access.RW)) and loop.served == 0
+
+
+# -- MissServer on the loop -------------------------------------------------------------------------
+
+class SocketDevice:
+    """What MissServer uses of a VhostNet, over the test's pair: its IOTLB messages go to the test's end."""
+
+    path, released = "socketpair", False
+
+    def __init__(self, end: socket.socket):
+        self.end = end
+
+    @contextmanager
+    def iotlb_channel(self) -> Iterator[IotlbChannel]:
+        yield IotlbChannel(self.end.fileno(), Version.V2, self.path, None)
+
+    def write_iotlb(self, message: IotlbMessage) -> None:
+        self.end.send(message.encode())
+
+    def write_iotlb_batch(self, batch) -> int:
+        for message in batch.messages():
+            self.end.send(message.encode())
+        return len(batch.messages())
+
+
+class Domain:
+    def __init__(self, amap: AddressMap):
+        self.map = amap
+
+
+def received(ours: socket.socket) -> IotlbMessage:
+    return IotlbMessage.decode(ours.recv(128))
+
+
+def nothing_sent(ours: socket.socket) -> bool:
+    ours.settimeout(0.3)
+    try:
+        ours.recv(128)
+    except TimeoutError:
+        return True
+    finally:
+        ours.settimeout(5)
+    return False
+
+
+def test_a_miss_server_reloads_a_changed_map_and_never_answers_from_a_revoked_one():
+    a, b, a_again = (Mapping(0x10 * P, P, REGION, 0, Access.RO), Mapping(0x20 * P, P, REGION, P, Access.RW),
+                     Mapping(0x10 * P, P, REGION, 7 * P, Access.RO))
+
+    def update(m: Mapping) -> IotlbMessage:
+        return IotlbMessage(MessageType.UPDATE, m.iova, m.size, m.uaddr, m.perm)
+
+    ours, loops = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    loops.setblocking(False)
+    ours.settimeout(5)
+    domain = Domain(AddressMap([a]))
+    server = MissServer(SocketDevice(loops), domain, label="test")
+    server.start()
+    try:
+        ours.send(miss(a.iova, Access.RO))
+        assert received(ours) == update(a)  # from the table loaded at start
+        domain.map = domain.map.mapped(b)  # a commit that only adds: the table is left as it was...
+        ours.send(miss(b.iova + 5, Access.WO))
+        assert received(ours) == update(b)  # ...so the miss came back, and the changed map was loaded
+        assert server.counters.served == 2 and not server.pending
+        assert len(server.mappings_of(REGION)) == 2  # both answers are held
+        domain.map = domain.map.unmapped(a.iova, a.size)  # a commit that revokes: the map first, then
+        server.invalidate([(a.iova, a.size)])
+        assert received(ours) == IotlbMessage(MessageType.INVALIDATE, a.iova, a.size)
+        assert server.mappings_of(REGION) == [f"[{b.iova:#x}, {b.end:#x}) held by socketpair (test)"]
+        ours.send(miss(a.iova, Access.RO))
+        assert nothing_sent(ours)  # no answer from the table a was in
+        assert server.counters.unmapped == 1 and list(server.pending) == [(a.iova, int(Access.RO))]
+        domain.map = domain.map.mapped(a_again)
+        assert server.retry_pending() == 1
+        assert received(ours) == update(a_again) and server.counters.late == 1
+        server.forget_all()
+        assert server.mappings_of(REGION) == [] and server.describe()["held_count"] == 0
+        ours.send(miss(b.iova, Access.RO))
+        assert received(ours) == update(b)
+        assert server.describe()["held"] == [[b.iova, b.size]]
+        assert server.describe()["service_us"]["count"] == 3
+    finally:
+        server.retire(invalidate=False)
+        ours.close()
+        loops.close()
+    assert not server.running

@@ -101,6 +101,8 @@ class MissLoop:
 
     def __init__(self, window: int):
         """`window`: how many of the latest service times are kept (`times`)."""
+        if window < 1:
+            raise ValueError(f"a miss loop keeps at least one service time, not {window}")
         core = lib.vdpad_miss_new(window)
         if core == ffi.NULL:
             raise MemoryError(f"no memory for a miss loop keeping {window} service times")

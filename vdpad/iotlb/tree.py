@@ -198,7 +198,9 @@ class MappingTree:
 
         Each node keeps its packing once made (nodes never change), so the tree
         after a change packs in O(log n) Python steps: only the nodes on the
-        changed path join their children's bytes anew.
+        changed path join their children's bytes anew. The price is memory: a
+        packed tree holds its 32 bytes per mapping once per level (4 levels at
+        100k mappings).
         """
         return _quads(self._root) if self._root is not None else b""
 

@@ -34,7 +34,6 @@ from typing import Protocol
 import structlog
 
 from vdpad.device.core import U64
-from vdpad.device.errors import IotlbWriteError
 from vdpad.device.iotlb_io import IotlbChannel
 from vdpad.device.miss_loop import MissEvent, MissLoop, MissReport
 from vdpad.device.iotlb_msg import Access, IotlbBatch, IotlbMessage, MessageType
@@ -161,10 +160,10 @@ class MissServer:
     def start(self) -> None:
         """Start serving: the thread holds the fd from now until retire()."""
         ready = threading.Event()
-        self._stop = os.pipe2(os.O_CLOEXEC)
         with self.lock:
-            self._loop.serving = True
             self._load(self.domain.map)
+            self._loop.serving = True
+        self._stop = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, args=(ready, self._stop[0]),
                                         name=f"vdpad-misses {self.label}", daemon=True)
         try:
@@ -253,9 +252,10 @@ class MissServer:
     # -- the loop's table, with the lock held ---------------------------------------------------------
     def _load(self, current: AddressMap | None) -> None:
         """Answer from `current` from now on (None: from nothing, so a miss asks the domain's map again)."""
+        quads = current.tree.update_quads() if current is not None else b""
         self._take_held()
         self._table = None  # until loaded: a refused load leaves the loop's table empty
-        self._loop.load(current.tree.update_quads() if current is not None else b"")
+        self._loop.load(quads)
         self._table = current
 
     def _take_held(self) -> None:

@@ -150,8 +150,13 @@ class NetSession(BindsEventfds):
     def revoke(self, ranges: list[tuple[int, int]]) -> int:
         """A domain commit landed: INVALIDATE what it took away, answer what waited and is mapped now.
         Returns how many INVALIDATEs were sent."""
-        if self.misses is None or not self.features & VirtioFeature.ACCESS_PLATFORM:
-            return 0  # no IOTLB on the device (reset, or not negotiated yet): nothing held, nothing waits
+        if self.misses is None:
+            return 0
+        if not self.features & VirtioFeature.ACCESS_PLATFORM:
+            # No IOTLB on the device (reset, or not negotiated yet): nothing held, nothing waits; and the
+            # miss table is dropped with the map it was loaded from, whatever comes to ask next.
+            self.misses.forget_all()
+            return 0
         if ranges:
             self.misses.invalidate(ranges)
         self.misses.retry_pending()
