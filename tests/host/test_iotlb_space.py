@@ -70,14 +70,6 @@ def test_lookup_overlapping_and_matches(regions):
     assert m.mapped_bytes == 3 * P
 
 
-def test_without_leaves_the_uncovered_pieces(regions):
-    a, _ = regions
-    m = AddressMap([Mapping(0, 8 * P, a, 0, Perm.RW)])
-    holes = [Mapping(P, P, a, P, Perm.RW), Mapping(4 * P, 2 * P, a, 4 * P, Perm.RW)]
-    assert m.without(holes) == [Mapping(0, P, a, 0, Perm.RW), Mapping(2 * P, 2 * P, a, 2 * P, Perm.RW),
-                                Mapping(6 * P, 2 * P, a, 6 * P, Perm.RW)]
-
-
 def test_uaddr_is_region_address_plus_offset(regions):
     a, _ = regions
     assert Mapping(0, P, a, 3 * P, Perm.RO).uaddr == a.address + 3 * P

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from operator import attrgetter
 
 from vdpad.device.core import U64
@@ -71,7 +72,8 @@ def _sorted(units: Iterable[Mapping]) -> list[Mapping]:
 def _range(start: int, end: int) -> tuple[int, int]:
     # A run from IOVA 0 to the very top is 2^64 bytes, one more than a message
     # can say; one byte less still touches the top unit, and a touched unit goes whole.
-    return start, min(end - start, U64)
+    size = end - start
+    return start, size if size <= U64 else U64
 
 
 def invalidations(units: Sequence[Mapping], keep: set[Mapping]) -> tuple[tuple[int, int], ...]:
@@ -141,32 +143,54 @@ def plan(units: Iterable[Mapping], target: AddressMap,
         return Plan((_range(next(iter(units)).iova, units.floor(U64).end),), (), target.tree)
     if touched is not None and NEAR_SHARE * len(touched) <= len(units) + len(target):
         return _plan_near(units, target, touched)
-    flags = _kept_flags(units, target)
-    kept = [unit for unit, keep in flags if keep]
-    update = tuple(target.without(kept, ordered=True))
-    # Two sorted runs: sorted() merges them in linear time.
-    return Plan(_runs(flags), update, MappingTree(sorted((*kept, *update), key=attrgetter("iova"))))
+    return _compared(units, target)
 
 
-def _kept_flags(units: Iterable[Mapping], target: AddressMap) -> list[tuple[Mapping, bool]]:
-    """(unit, whether target translates all of it as it says), walking both in IOVA order at once."""
-    # The hot loop of a full plan: ends computed once, and Mapping.translates_like spelt out.
+def _compared(units: MappingTree, target: AddressMap) -> Plan:
+    """The full comparison, in one walk over both in IOVA order: a unit stays when target
+    translates all of it as it says; the units that go make runs; what the kept units leave
+    of each entry is sent."""
+    invalidate: list[tuple[int, int]] = []
+    update: list[Mapping] = []
+    after: list[Mapping] = []  # kept units and UPDATEs: what the kernel then holds, in IOVA order
+    run_start = run_end = None  # the run of removed units so far
     entries = iter(target)
     entry = next(entries, None)
-    entry_end = entry.iova + entry.size if entry is not None else 0
-    flags = []
-    for unit in units:
-        start = unit.iova
+    # Where the part of `entry` that no kept unit covers (so far) starts; its end is spelt out
+    # because this is the hot loop of a full plan.
+    cursor, entry_end = (entry.iova, entry.end) if entry is not None else (0, 0)
+    for unit in chain(units, (None,)):  # None: past the last unit, where every entry is finished
+        start = unit.iova if unit is not None else U64 + 1
         while entry is not None and entry_end <= start:
+            if cursor < entry_end:
+                piece = entry if cursor == entry.iova else entry.piece(cursor, entry_end)
+                update.append(piece)
+                after.append(piece)
             entry = next(entries, None)
-            entry_end = entry.iova + entry.size if entry is not None else 0
-        if entry is unit:  # most of a map is the very mappings the kernel was given
-            flags.append((unit, True))
-            continue
-        flags.append((unit, entry is not None and entry.iova <= start and start + unit.size <= entry_end
-                      and entry.region is unit.region and entry.perm == unit.perm
-                      and entry.offset - entry.iova == unit.offset - start))
-    return flags
+            if entry is not None:
+                cursor, entry_end = entry.iova, entry.end
+        if unit is None:
+            break
+        # Most of a map is the very mappings the kernel was given; else Mapping.translates_like, inlined.
+        if entry is unit or (entry is not None and entry.iova <= start and unit.end <= entry_end
+                             and entry.region is unit.region and entry.perm == unit.perm
+                             and entry.offset - entry.iova == unit.offset - start):
+            if run_start is not None:
+                invalidate.append(_range(run_start, run_end))
+                run_start = None
+            if cursor < start:
+                piece = entry.piece(cursor, start)
+                update.append(piece)
+                after.append(piece)
+            cursor = unit.end
+            after.append(unit)
+        else:
+            if run_start is None:
+                run_start = start
+            run_end = unit.end
+    if run_start is not None:
+        invalidate.append(_range(run_start, run_end))
+    return Plan(tuple(invalidate), tuple(update), MappingTree(after))
 
 
 def _spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

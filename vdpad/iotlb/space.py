@@ -220,32 +220,3 @@ class AddressMap:
         if end < cut[-1].end:
             tree = tree.inserted(cut[-1].piece(end, cut[-1].end))
         return AddressMap._of(tree)
-
-    def without(self, units: Iterable[Mapping], *, ordered: bool = False) -> list[Mapping]:
-        """The parts of this map not covered by `units` (non-overlapping, all inside the map; `ordered`:
-        already in IOVA order)."""
-        # One walk over both in IOVA order; a full plan spends much of its time here.
-        units = list(units) if ordered else sorted(units, key=lambda u: u.iova)
-        holes = [(u.iova, u.end) for u in units]
-        count = len(holes)
-        pieces: list[Mapping] = []
-        index = 0
-        for entry in self._tree:
-            cursor, end = entry.iova, entry.end
-            while index < count and holes[index][1] <= cursor:
-                index += 1
-            if index < count and units[index] is entry:  # a hole that is the entry itself: nothing left
-                index += 1
-                continue
-            scan = index
-            while scan < count and holes[scan][0] < end:
-                hole_start, hole_end = holes[scan]
-                if hole_start > cursor:
-                    pieces.append(entry.piece(cursor, hole_start))
-                cursor = max(cursor, hole_end)
-                scan += 1
-            if scan == index:
-                pieces.append(entry)  # no hole in it: the entry itself
-            elif cursor < end:
-                pieces.append(entry.piece(cursor, end))
-        return pieces

@@ -29,10 +29,10 @@ _LEAST = FANOUT // 2  # a node below this is merged with, or refilled from, a ne
 
 
 class _Node:
-    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item; `quads`, the
-    node's mappings packed once asked for (MappingTree.update_quads)."""
+    """Leaf: mappings. Inner node: child nodes. `keys` are the first IOVA of each item (`first`, of
+    the node's first); `quads`, the node's mappings packed once asked for (MappingTree.update_quads)."""
 
-    __slots__ = ("keys", "items", "leaf", "count", "nbytes", "quads")
+    __slots__ = ("keys", "first", "items", "leaf", "count", "nbytes", "quads")
 
     def __init__(self, items: tuple, leaf: bool):
         self.items, self.leaf, self.quads = items, leaf, None
@@ -41,12 +41,13 @@ class _Node:
             self.count = len(items)
             self.nbytes = sum(map(_SIZE, items))
         else:
-            self.keys = tuple(child.keys[0] for child in items)
+            self.keys = tuple(map(_FIRST, items))
             self.count = sum(map(_COUNT, items))
             self.nbytes = sum(map(_NBYTES, items))
+        self.first = self.keys[0]
 
 
-_IOVA, _SIZE, _COUNT, _NBYTES = (attrgetter(name) for name in ("iova", "size", "count", "nbytes"))
+_IOVA, _SIZE, _FIRST, _COUNT, _NBYTES = (attrgetter(name) for name in ("iova", "size", "first", "count", "nbytes"))
 
 #: A mapping as the words of its UPDATE, in the order the C side takes them.
 UPDATE_QUAD = attrgetter("iova", "size", "uaddr", "perm")
