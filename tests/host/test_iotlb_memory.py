@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from vdpad.iotlb import PAGE_SIZE, MemoryRegion, RegionInUse
+from vdpad.iotlb.memory import NAMED_MAPPINGS
 
 
 def test_region_is_shared_sealed_and_addressable():
@@ -77,6 +78,21 @@ def test_a_region_dropped_open_closes_its_memfd_with_a_resource_warning():
         gc.collect()
     with pytest.raises(OSError):
         os.fstat(number)
+
+
+def test_a_region_mapped_at_many_places_names_a_few_and_counts_the_rest():
+    region = MemoryRegion(PAGE_SIZE, "everywhere")
+    places = [f"AS 0 [{2 * i * PAGE_SIZE:#x}, {(2 * i + 1) * PAGE_SIZE:#x}) on /dev/vhost-vdpa-0"
+              for i in range(10_000)]
+    mapper = StandInMapper(*places)
+    region.add_mapper(mapper)
+    with pytest.raises(RegionInUse) as refused:
+        region.close()
+    message = str(refused.value)
+    assert f"still mapped at {'; '.join(places[:NAMED_MAPPINGS])} and {10_000 - NAMED_MAPPINGS} more (unmap" in message
+    assert places[NAMED_MAPPINGS] not in message and len(message) < 1000
+    mapper.where.clear()
+    region.close()
 
 
 class StandInMapper:

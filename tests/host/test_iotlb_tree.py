@@ -45,6 +45,7 @@ def check_shape(tree: MappingTree) -> None:
 
     def visit(node, depth: int, root: bool) -> None:
         assert len(node.items) <= tree_module.FANOUT
+        assert node.first == node.keys[0]
         assert root or len(node.items) >= tree_module._LEAST, "a node left too small"
         if node.leaf:
             depths.add(depth)
@@ -52,7 +53,7 @@ def check_shape(tree: MappingTree) -> None:
             assert node.count == len(node.items) and node.nbytes == sum(m.size for m in node.items)
             return
         assert not root or len(node.items) > 1, "a root with one child"
-        assert node.keys == tuple(child.keys[0] for child in node.items)
+        assert node.keys == tuple(child.first for child in node.items)
         assert node.count == sum(c.count for c in node.items) and node.nbytes == sum(c.nbytes for c in node.items)
         for child in node.items:
             visit(child, depth + 1, False)

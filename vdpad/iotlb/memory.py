@@ -24,6 +24,8 @@ from vdpad.device.owned import OwnedFd
 _ffi = cffi.FFI()  # only for the address of a buffer
 
 PAGE_SIZE = mmap.PAGESIZE
+#: The mappings a refused close() names; the rest are counted.
+NAMED_MAPPINGS = 8
 
 
 class RegionInUse(BufferError):
@@ -135,7 +137,7 @@ class MemoryRegion:
 
     def close(self) -> None:
         """Unmap and close the fd. Refused, the region staying open and whole, while a mapper
-        maps it (RegionInUse, naming each mapping) or views into it are alive (BufferError),
+        maps it (RegionInUse, naming the first NAMED_MAPPINGS mappings and counting the rest) or views into it are alive (BufferError),
         e.g. ring or arena buffers carved from `view`."""
         with self._closing, ExitStack() as held:
             if self.closed:
@@ -145,7 +147,10 @@ class MemoryRegion:
                 held.enter_context(mapper.holding())
             mapped = [where for mapper in mappers for where in mapper.mappings_of(self)]
             if mapped:
-                raise RegionInUse(f"{self!r} cannot close: still mapped at {'; '.join(mapped)} "
+                # A region may be mapped at thousands of IOVAs: the first few say enough, the count says the rest.
+                named = "; ".join(mapped[:NAMED_MAPPINGS])
+                more = f" and {len(mapped) - NAMED_MAPPINGS} more" if len(mapped) > NAMED_MAPPINGS else ""
+                raise RegionInUse(f"{self!r} cannot close: still mapped at {named}{more} "
                                   "(unmap it first: the device could reach whatever memory reuses the address)")
             self._unmap_and_close()
 

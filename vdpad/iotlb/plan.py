@@ -219,12 +219,12 @@ def _plan_near(units: MappingTree, target: AddressMap, touched: Sequence[tuple[i
 
     # Two removed units make one run when no unit lies between them: a unit that did not meet
     # a touched range is kept, so it breaks the run as a kept unit among `near` does.
-    chain: list[tuple[Mapping, bool]] = []
+    paired: list[tuple[Mapping, bool]] = []
     for index, (unit, keep) in enumerate(flags):
         if index and not keep and not flags[index - 1][1] and units.following(flags[index - 1][0].end) is not unit:
-            chain.append((unit, True))  # stands for the unit in between: the run ends there
-        chain.append((unit, keep))
-    invalidate = _runs(chain)
+            paired.append((unit, True))  # stands for the unit in between: the run ends there
+        paired.append((unit, keep))
+    invalidate = _runs(paired)
 
     # What target maps and no kept unit covers lies inside the touched ranges or a removed unit:
     # the UPDATEs are the pieces of target's entries there, between the kept units.

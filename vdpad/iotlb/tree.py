@@ -64,11 +64,17 @@ def _insert(node: _Node, entry: Mapping) -> tuple[_Node, ...]:
     if node.leaf:
         index = bisect_right(node.keys, entry.iova)
         items = (*node.items[:index], entry, *node.items[index:])
+        keys = (*node.keys[:index], entry.iova, *node.keys[index:])
     else:
         index = max(bisect_right(node.keys, entry.iova) - 1, 0)
-        items = (*node.items[:index], *_insert(node.items[index], entry), *node.items[index + 1:])
-    if len(items) <= FANOUT:
-        return (_Node(items, node.leaf),)
+        parts = _insert(node.items[index], entry)
+        items = (*node.items[:index], *parts, *node.items[index + 1:])
+        keys = (*node.keys[:index], *map(_FIRST, parts), *node.keys[index + 1:])
+    if len(items) <= FANOUT:  # the common case: the node's sums are its old ones and the entry's
+        grown = _Node.__new__(_Node)
+        grown.items, grown.leaf, grown.quads, grown.keys, grown.first = items, node.leaf, None, keys, keys[0]
+        grown.count, grown.nbytes = node.count + 1, node.nbytes + entry.size
+        return (grown,)
     half = len(items) // 2
     return _Node(items[:half], node.leaf), _Node(items[half:], node.leaf)
 
