@@ -137,8 +137,8 @@ class MemoryRegion:
 
     def close(self) -> None:
         """Unmap and close the fd. Refused, the region staying open and whole, while a mapper
-        maps it (RegionInUse, naming the first NAMED_MAPPINGS mappings and counting the rest) or views into it are alive (BufferError),
-        e.g. ring or arena buffers carved from `view`."""
+        maps it (RegionInUse, naming the first NAMED_MAPPINGS mappings and counting the rest)
+        or views into it are alive (BufferError), e.g. ring or arena buffers carved from `view`."""
         with self._closing, ExitStack() as held:
             if self.closed:
                 return
